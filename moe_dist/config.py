@@ -1,0 +1,293 @@
+"""Typed configuration: one small dataclass per component, loaded from YAML, overridden from the
+command line with dotted keys (``--moe.top_k=2``), and checked in one place, :func:`validate`.
+
+Configs hold plain values only (no process group, no device object): the runtime objects are built
+from them after validation, so a bad config fails before any process group or tensor exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 256            # F, hidden size of one routed expert
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    # Softmax-then-topk (Switch/GShard/Mixtral) renormalises or not; sigmoid (DeepSeek-V3) usually does.
+    renormalize: bool = False
+    route_scale: float = 1.0            # DeepSeek-V3 multiplies the routed weights by a constant
+    jitter_eps: float = 0.0             # multiplicative input jitter (Switch), training only
+    num_groups: int = 1                 # group-limited routing: experts split into groups ...
+    topk_groups: int = 1                # ... and each token may use this many groups
+    expert_bias: bool = False           # DeepSeek-V3 auxiliary-loss-free balancing
+    bias_update_rate: float = 1e-3
+    force_balanced: bool = False        # debugging/benchmarks: round-robin routing, ignores the router
+    aux_loss_coef: float = 0.01         # α of the load-balancing loss; 0 disables
+    aux_loss_type: Literal["global", "seq"] = "global"   # batch-level (Switch) or sequence-level (DeepSeek)
+    z_loss_coef: float = 0.0            # ST-MoE router z-loss; 0 disables
+    capacity_factor: Optional[float] = None   # None = dropless
+    min_capacity: int = 4
+    drop_policy: Literal["probs", "position"] = "probs"
+    pad_to_capacity: bool = False
+    num_shared_experts: int = 0         # DeepSeek: dense MLP(s) applied to every token
+    shared_expert_hidden: Optional[int] = None  # default: num_shared_experts * expert_hidden
+    backend: Literal["auto", "grouped_mm", "loop", "triton"] = "auto"
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vocab_size: int = 256
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None    # grouped-query attention (Mixtral: 8); None = n_heads
+    max_seq_len: int = 256
+    dense_hidden: int = 512             # hidden size of dense (non-MoE) MLPs
+    moe_every: int = 1                  # layer i is MoE when (i - first_dense) % moe_every == moe_every - 1 ...
+    first_dense: int = 0                # ... and i >= first_dense (DeepSeek keeps the first layers dense)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    ep: int = 1
+    etp: int = 1
+    world_size: Optional[int] = None    # when set, a launch with another world size is refused
+    timeout_s: float = 300.0
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 8                 # sequences per micro-batch per data-parallel rank
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 1234
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    log_every: int = 10
+    out_dir: str = "runs/default"
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = "data/stdlib.bin"       # memory-mapped uint8/uint16 token file from `moe-dist prepare-data`
+    val_fraction: float = 0.05
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field, the value and the fix."""
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _unknown(kind: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown {kind} '{key}'{hint}")
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Turn a YAML or command-line value into the field's declared type, or raise naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(path, value, inner)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}={value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{path}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{path}={value!r} must be an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}={value!r} must be an integer") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}={value!r} must be a number") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+    types = _section_types()
+    sections = {}
+    for name, values in raw.items():
+        if name not in types:
+            raise _unknown("config section", name, list(types))
+        cls = types[name]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in (values or {}).items():
+            if key not in hints:
+                raise _unknown(f"field in '{name}'", key, list(hints))
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        sections[name] = cls(**kwargs)
+    return Config(**sections)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.field=value`` (or ``--section.field=value``) strings; values parse as YAML scalars."""
+    raw = to_dict(cfg)
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override '{item}' must look like --section.field=value")
+        key, value = text.split("=", 1)
+        if key.count(".") != 1:
+            raise ConfigError(f"override key '{key}' must be section.field, e.g. moe.top_k")
+        section, name = key.split(".")
+        if section not in raw:
+            raise _unknown("config section", section, list(raw))
+        if name not in raw[section]:
+            raise _unknown(f"field in '{section}'", name, list(raw[section]))
+        raw[section][name] = yaml.safe_load(value) if value != "" else ""
+    return from_dict(raw)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; presets are in configs/")
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    cfg = apply_overrides(from_dict(raw), overrides or [])
+    validate(cfg)
+    return cfg
+
+
+def validate_moe(m: MoEConfig) -> None:
+    def bad(name: str, msg: str) -> ConfigError:
+        return ConfigError(f"moe.{name}={getattr(m, name)!r}: {msg}")
+
+    if m.num_experts < 1:
+        raise bad("num_experts", "must be >= 1")
+    if m.top_k < 1:
+        raise bad("top_k", "must be >= 1")
+    if m.top_k > m.num_experts:
+        raise bad("top_k", f"cannot exceed moe.num_experts={m.num_experts}; lower top_k or add experts")
+    if m.expert_hidden < 1:
+        raise bad("expert_hidden", "must be >= 1")
+    if m.capacity_factor is not None and not m.capacity_factor > 0:
+        raise bad("capacity_factor", "must be > 0, or null for dropless routing")
+    if m.min_capacity < 0:
+        raise bad("min_capacity", "must be >= 0")
+    if m.pad_to_capacity and m.capacity_factor is None:
+        raise bad("pad_to_capacity", "needs moe.capacity_factor to be set (dropless has no capacity)")
+    if m.num_groups < 1:
+        raise bad("num_groups", "must be >= 1")
+    if m.num_experts % m.num_groups:
+        raise bad("num_groups", f"must divide moe.num_experts={m.num_experts}")
+    if not 1 <= m.topk_groups <= m.num_groups:
+        raise bad("topk_groups", f"must be between 1 and moe.num_groups={m.num_groups}")
+    if m.num_groups > 1 and m.top_k > m.topk_groups * (m.num_experts // m.num_groups):
+        raise bad("top_k", f"exceeds the {m.topk_groups * (m.num_experts // m.num_groups)} experts in the "
+                  "selected groups; raise moe.topk_groups")
+    if m.jitter_eps < 0 or m.jitter_eps >= 1:
+        raise bad("jitter_eps", "must be in [0, 1)")
+    for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+        if getattr(m, name) < 0:
+            raise bad(name, "must be >= 0")
+    if m.route_scale <= 0:
+        raise bad("route_scale", "must be > 0")
+    if m.num_shared_experts < 0:
+        raise bad("num_shared_experts", "must be >= 0")
+    if m.shared_expert_hidden is not None and m.shared_expert_hidden < 1:
+        raise bad("shared_expert_hidden", "must be >= 1, or null for num_shared_experts * expert_hidden")
+
+
+def validate(cfg: Config) -> None:
+    """Check every field; raise :class:`ConfigError` (a ValueError) naming the field, the value and the fix."""
+    m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "dense_hidden", "moe_every"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"model.{name}={getattr(m, name)}: must be >= 1")
+    if m.first_dense < 0:
+        raise ConfigError(f"model.first_dense={m.first_dense}: must be >= 0")
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; "
+                          "choose a head count that divides dim")
+    if m.n_kv_heads is not None and (m.n_kv_heads < 1 or m.n_heads % m.n_kv_heads):
+        raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model.dim/model.n_heads={m.dim // m.n_heads} must be even for rotary embeddings")
+    validate_moe(cfg.moe)
+    for name in ("tp", "ep", "etp"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)}: must be >= 1")
+    if cfg.moe.num_experts % p.ep:
+        raise ConfigError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by parallel.ep={p.ep}; "
+                          "choose ep that divides the expert count")
+    if p.world_size is not None and p.world_size < 1:
+        raise ConfigError(f"parallel.world_size={p.world_size}: must be >= 1 or null")
+    if p.timeout_s <= 0:
+        raise ConfigError(f"parallel.timeout_s={p.timeout_s}: must be > 0")
+    for name in ("steps", "batch_size", "seq_len", "log_every"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+                          "lower seq_len or raise max_seq_len")
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 0")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}")
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
+
+

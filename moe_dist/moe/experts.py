@@ -1,0 +1,112 @@
+"""Routed experts as stacked weights, one layout for every backend. Legend: N permuted rows, D model
+dim, F expert hidden, E local experts.
+
+    w_in_EDF2  [E, D, 2F] for SwiGLU (gate and up fused: one GEMM), [E, D, F] for GELU
+    w_out_EFD  [E, F, D]
+
+Backends, chosen once at construction:
+- `grouped_mm`: torch._grouped_mm (CPU and GPU). Needs int32 cumulative row ends and row strides that
+  are multiples of 16 bytes, so D and F must be multiples of 16 / element size.
+- `loop`: one matmul per expert; the reference, and the fallback for shapes grouped_mm refuses.
+- `triton`: the Triton grouped GEMM (kernels/, a later change); asking for it now raises.
+- `auto`: grouped_mm where the shapes allow it, else loop.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_dist.kernels.reference import grouped_gemm as loop_gemm
+
+BACKENDS = ("auto", "grouped_mm", "loop", "triton")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: torch._grouped_mm's backward rejects
+    the strided gradients that views and reductions downstream can hand it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def _grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    out = torch._grouped_mm(x_NK, w_EKM, offs=offsets_E)
+    return _ContiguousGrad.apply(out)
+
+
+def grouped_mm_supported(dim: int, hidden: int, dtype: torch.dtype) -> bool:
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    return hasattr(torch, "_grouped_mm") and dim % align == 0 and hidden % align == 0
+
+
+def resolve_backend(name: str, dim: int, hidden: int, dtype: torch.dtype = torch.float32) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"moe.backend={name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "triton":
+        raise ValueError("moe.backend='triton' is not available in this build yet; use 'auto' "
+                         "(grouped_mm) or 'loop'")
+    if name == "grouped_mm" and not grouped_mm_supported(dim, hidden, dtype):
+        align = 16 // torch.empty((), dtype=dtype).element_size()
+        raise ValueError(f"moe.backend='grouped_mm' needs model.dim={dim} and moe.expert_hidden={hidden} "
+                         f"to be multiples of {align} for {dtype}; use backend 'loop' or 'auto'")
+    if name == "auto":
+        return "grouped_mm" if grouped_mm_supported(dim, hidden, dtype) else "loop"
+    return name
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu",
+                 backend: str = "auto"):
+        super().__init__()
+        if activation not in ("swiglu", "gelu"):
+            raise ValueError(f"moe.activation={activation!r}: choose 'swiglu' or 'gelu'")
+        self.num_experts, self.dim, self.hidden, self.activation = num_experts, dim, hidden, activation
+        width = 2 * hidden if activation == "swiglu" else hidden
+        self.w_in_EDF2 = nn.Parameter(torch.empty(num_experts, dim, width))
+        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.backend = resolve_backend(backend, dim, hidden)
+        self._gemm = _grouped_mm if self.backend == "grouped_mm" else loop_gemm
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        nn.init.normal_(self.w_in_EDF2, std=std)
+        nn.init.normal_(self.w_out_EFD, std=std if out_std is None else out_std)
+
+    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """x_ND holds rows grouped by expert; offsets_E (int32) are cumulative group ends."""
+        h = self._gemm(x_ND, self.w_in_EDF2, offsets_E)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self._gemm(h.contiguous(), self.w_out_EFD, offsets_E)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
+                f"activation={self.activation}, backend={self.backend}")
+
+
+class DenseMLP(nn.Module):
+    """A dense MLP with the experts' activation: the shared experts (DeepSeek) and non-MoE layers."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "swiglu"):
+        super().__init__()
+        self.activation = activation
+        self.w_in = nn.Linear(dim, 2 * hidden if activation == "swiglu" else hidden, bias=False)
+        self.w_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_in(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.w_out(h)
