@@ -1,0 +1,51 @@
+# moe_dist developer entry points.  `make test` is the test command (also what .ci/run runs).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-dev
+# torch is installed first and pinned so the CPU build stays in place (`pip install -e .[dev]`
+# then finds it satisfied).  Where the default index only has CUDA wheels, pass e.g.
+#   make venv TORCH_PIP_FLAGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_FLAGS ?=
+PYTEST_ARGS ?=
+DATA := data/stdlib.bin
+
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: venv demo test clean distclean
+
+venv: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-runs only when setup.py changes, so `make test` is fast after the first install.
+$(STAMP): setup.py | $(VENV)/bin/python
+	$(PIP) install $(TORCH_PIP_FLAGS) '$(TORCH_SPEC)'
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+$(DATA): | $(STAMP)
+	$(VENV)/bin/moe-dist prepare-data --out $@
+
+demo: venv $(DATA)
+	$(VENV)/bin/moe-dist train configs/tiny-cpu.yaml
+
+# pytest's own exit code is kept in .cache/pytest-exit-code because make reports every failure
+# as 2; 5 means no tests were collected, which counts as a failure.
+test: venv
+	@mkdir -p .cache
+	@rc=0; $(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS) || rc=$$?; \
+	echo $$rc > .cache/pytest-exit-code; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
+	exit $$rc
+
+clean:
+	rm -rf runs .cache .pytest_cache build *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) data/*.bin data/*.json data/*.tmp

@@ -1,0 +1,100 @@
+"""`moe-dist`: the command line. Each command parses its arguments, validates the config, and hands off."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _load_config(path: str, overrides: list[str]):
+    from moe_dist import config
+    return config.load(path, overrides)
+
+
+def cmd_train(args) -> int:
+    from moe_dist.train.trainer import Trainer, format_expert_load
+    cfg = _load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    n = sum(p.numel() for p in trainer.model.parameters())
+    moe_ids = [i for i, b in enumerate(trainer.model.blocks) if b.is_moe]
+    print(f"moe-dist train: {args.config} | {n / 1e6:.2f}M parameters | {cfg.moe.num_experts} experts, "
+          f"top-{cfg.moe.top_k}, MoE layers {moe_ids} | experts backend {trainer.model.moe_layers[0].experts.backend}"
+          if moe_ids else f"moe-dist train: {args.config} | {n / 1e6:.2f}M parameters (no MoE layer)", flush=True)
+    history = trainer.fit(progress=not args.quiet)
+    steps = history.steps
+    first = sum(s.lm_loss for s in steps[:10]) / min(10, len(steps))
+    last = sum(s.lm_loss for s in steps[-10:]) / min(10, len(steps))
+    tokens = len(steps) * cfg.train.batch_size * cfg.train.seq_len
+    print(f"\ndone: {len(steps)} steps in {trainer.wall_seconds:.1f}s, {tokens / trainer.wall_seconds:,.0f} tokens/s; "
+          f"LM loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps); val loss {trainer.evaluate():.3f}")
+    if moe_ids:
+        print("\nper-expert load over the run (share of assignments):")
+        print(format_expert_load(history.expert_load(), moe_ids))
+    print(f"\nmetrics: {cfg.train.out_dir}/metrics.jsonl")
+    return 0
+
+
+def cmd_prepare_data(args) -> int:
+    from moe_dist.train.data import prepare
+    meta = prepare(args.sources or None, args.out, args.max_bytes)
+    print(f"wrote {args.out}: {meta['tokens']:,} byte tokens from {meta['documents']:,} documents "
+          f"({', '.join(meta['sources'])})")
+    return 0
+
+
+def cmd_params(args) -> int:
+    import torch
+    from moe_dist.models.gpt import MoEGPT, count_parameters
+    cfg = _load_config(args.config, args.overrides)
+    with torch.device("meta"):           # no memory: only shapes
+        model = MoEGPT(cfg)
+    counts = count_parameters(model, cfg)
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for k, v in counts.items():
+            print(f"{k:>14}: {v:>16,d}  ({v / 1e9:.2f}B)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-dist", description="Expert-parallel Mixture-of-Experts training.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config (overrides: --section.field=value)")
+    t.add_argument("config")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("prepare-data", help="build a byte-level token file (default: the Python stdlib source)")
+    d.add_argument("sources", nargs="*", help="text files, folders, or .jsonl files with a 'text' field")
+    d.add_argument("--out", default="data/stdlib.bin")
+    d.add_argument("--max-bytes", type=int, default=None)
+    d.set_defaults(func=cmd_prepare_data)
+
+    c = sub.add_parser("params", help="total and active parameter counts of a config (no memory used)")
+    c.add_argument("config")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_params)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in ("train", "params"):
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    bad = [r for r in rest if not r.startswith("--") or "=" not in r]
+    if bad:
+        parser.error(f"config overrides must look like --section.field=value, got {' '.join(bad)}")
+    args.overrides = rest
+    from moe_dist.config import ConfigError
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"moe-dist: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

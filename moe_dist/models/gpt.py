@@ -1,0 +1,158 @@
+"""A decoder-only MoE transformer: RMSNorm, rotary causal attention (optionally grouped-query), and an
+MLP that is the MoE layer on the layers `ModelConfig` marks, a dense MLP elsewhere.
+Legend: B sequences, S positions, D model dim, V vocabulary, H heads, Hkv key/value heads, Dh head dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_dist.config import Config, ModelConfig
+from moe_dist.moe.experts import DenseMLP
+from moe_dist.moe.layer import MoELayer, MoEStats
+
+
+def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
+    """GLaM: moe_every=2 makes every other layer MoE; DeepSeek: first_dense=k keeps the first k dense."""
+    return i >= cfg.first_dense and (i - cfg.first_dense) % cfg.moe_every == cfg.moe_every - 1
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    ang = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv)
+    return ang.cos(), ang.sin()
+
+
+def apply_rotary(x_BHSDh: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHSDh.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos_SD - x2 * sin_SD, x1 * sin_SD + x2 * cos_SD], dim=-1)
+    return out.type_as(x_BHSDh)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(cfg.dim, 2 * self.n_kv * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = self.wkv(x_BSD).view(B, S, 2, self.n_kv, self.head_dim).unbind(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer_id: int):
+        super().__init__()
+        m = cfg.model
+        self.attn_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
+        self.attn = Attention(m)
+        self.mlp_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
+        self.is_moe = is_moe_layer(m, layer_id)
+        self.mlp = MoELayer(cfg.moe, m.dim) if self.is_moe else DenseMLP(m.dim, m.dense_hidden, cfg.moe.activation)
+
+    def forward(self, x, cos, sin) -> tuple[torch.Tensor, Optional[MoEStats]]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.mlp_norm(x)
+        if self.is_moe:
+            out, stats = self.mlp(h)
+            return x + out, stats
+        return x + self.mlp(h), None
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    logits: torch.Tensor
+    lm_loss: Optional[torch.Tensor]      # mean next-token cross-entropy, when targets are given
+    aux_loss: torch.Tensor               # Σ over MoE layers of load-balancing + z losses (already scaled)
+    stats: list[MoEStats]                # one per MoE layer, in layer order
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """What training minimises."""
+        return self.lm_loss + self.aux_loss
+
+
+class MoEGPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.model
+        self.embed = nn.Embedding(m.vocab_size, m.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(m.n_layers))
+        self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
+        self.head = nn.Linear(m.dim, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rotary_tables(m.max_seq_len, m.dim // m.n_heads, m.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.model.init_std
+        # GPT-2 style: projections that write into the residual stream are scaled down with depth.
+        out_std = std / (2 * self.cfg.model.n_layers) ** 0.5
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            scaled = name.endswith(("wo.weight", "w_out.weight", "w_out_EFD"))
+            nn.init.normal_(p, std=out_std if scaled else std)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.mlp for b in self.blocks if b.is_moe]
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Routed-expert weights: sharded over expert parallelism, reduced over the expert-data group."""
+        return [p for layer in self.moe_layers for p in layer.experts.parameters()]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Everything else (router and shared experts included): reduced over the data-parallel group."""
+        expert = {id(p) for p in self.expert_parameters()}
+        return [p for p in self.parameters() if id(p) not in expert]
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None) -> ModelOutput:
+        S = idx_BS.shape[1]
+        if S > self.cfg.model.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.model.max_seq_len}")
+        x = self.embed(idx_BS)
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        stats: list[MoEStats] = []
+        for block in self.blocks:
+            x, st = block(x, cos, sin)
+            if st is not None:
+                stats.append(st)
+        logits = self.head(self.norm(x))
+        lm_loss = None
+        if targets_BS is not None:
+            lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1))
+        aux = sum((s.aux_loss + s.z_loss for s in stats), torch.zeros((), device=x.device))
+        return ModelOutput(logits, lm_loss, aux, stats)
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts_LE: list[torch.Tensor]) -> None:
+        """Apply DeepSeek-V3's bias rule to every MoE layer that has an expert bias."""
+        for layer, counts in zip(self.moe_layers, counts_LE):
+            if layer.router.expert_bias_E is not None:
+                layer.router.update_expert_bias(counts)
+
+
+def count_parameters(model: nn.Module, cfg: Config) -> dict[str, int]:
+    """Total and active (per token) parameter counts; works on the meta device."""
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for p in model.expert_parameters()) if isinstance(model, MoEGPT) else 0
+    active = total - routed + routed * cfg.moe.top_k // cfg.moe.num_experts
+    return {"total": total, "active": active, "routed_expert": routed, "dense": total - routed}
