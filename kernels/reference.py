@@ -76,8 +76,8 @@ def unpermute(y_NH: torch.Tensor, pmap: PermuteMap, weights_TK: torch.Tensor) ->
     T, K = pmap.row_TK.shape
     kept_TK = pmap.row_TK >= 0
     rows = pmap.row_TK.clamp_min(0).reshape(-1)
-    gathered = y_NH.index_select(0, rows).view(T, K, -1) if y_NH.shape[0] else \
-        y_NH.new_zeros(T, K, y_NH.shape[1])
+    H = y_NH.shape[1]
+    gathered = y_NH.index_select(0, rows).view(T, K, H) if y_NH.shape[0] else y_NH.new_zeros(T, K, H)
     w_TK = weights_TK * kept_TK
     out = torch.einsum("tkh,tk->th", gathered.to(w_TK.dtype), w_TK)
     return out.to(y_NH.dtype)

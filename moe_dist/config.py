@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,9 +148,12 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{path}={value!r} must be an integer") from None
     if tp is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{path}={value!r} must be a number") from None
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise ConfigError(f"{path}={value!r} must be a finite number")
+        return number
     if tp is str:
         return str(value)
     return value
@@ -166,6 +170,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
         if name not in types:
             raise _unknown("config section", name, list(types))
         cls = types[name]
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"section '{name}' must be a mapping of fields, got {type(values).__name__}: {values!r}")
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in (values or {}).items():
@@ -191,7 +197,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise _unknown("config section", section, list(raw))
         if name not in raw[section]:
             raise _unknown(f"field in '{section}'", name, list(raw[section]))
-        raw[section][name] = yaml.safe_load(value) if value != "" else ""
+        # Text fields keep the text as typed (YAML would turn out_dir=001 into 1).
+        is_text = typing.get_type_hints(type(getattr(cfg, section)))[name] is str
+        raw[section][name] = value if is_text or value == "" else yaml.safe_load(value)
     return from_dict(raw)
 
 

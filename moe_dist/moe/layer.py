@@ -79,6 +79,6 @@ class MoELayer(nn.Module):
             counts_BE = torch.zeros(B, cfg.num_experts, dtype=torch.long, device=probs_TE.device)
             counts_BE.index_put_((seq_of_token, indices_TK.reshape(-1)),
                                  torch.ones_like(seq_of_token), accumulate=True)
-            return losses.seq_load_balancing_loss(probs_TE.view(B, S, -1), counts_BE, cfg.top_k,
+            return losses.seq_load_balancing_loss(probs_TE.view(B, S, cfg.num_experts), counts_BE, cfg.top_k,
                                                   cfg.aux_loss_coef)
         return losses.load_balancing_loss(probs_TE, counts_E, cfg.top_k, cfg.aux_loss_coef)

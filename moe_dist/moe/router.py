@@ -5,11 +5,15 @@ rounding, and a bf16 router makes routing differ between ranks that see the same
 
 Semantics (tested against Megatron-core's `topk_routing_with_score_function`):
 - softmax: scores = softmax(logits) over all E, then top-k; `renormalize` rescales the K weights to sum
-  to 1 (Mixtral), which equals Megatron's softmax-over-the-top-k (`use_pre_softmax=False`).
+  to 1 (Mixtral), which equals Megatron's softmax-over-the-top-k (`use_pre_softmax=False`) for K > 1;
+  at K = 1 the weight stays the full probability (Megatron's post-softmax top-1 weight is a constant 1,
+  which gives the router no gradient through the combine).
 - sigmoid (DeepSeek-V3): scores = sigmoid(logits); the expert bias is added for *selection only*; the
   weights are the unbiased scores of the chosen experts, renormalised when K > 1 and `renormalize`.
 - group-limited: experts form G groups; a group's score is the sum of its top-(K/topk_groups) scores;
-  each token keeps `topk_groups` groups and picks its K experts inside them.
+  each token keeps `topk_groups` groups and picks its K experts inside them. Groups are ranked on
+  the scores (probabilities), as Megatron-core does with pre-softmax; its post-softmax variant ranks
+  them on raw logits and can pick other groups.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ class Router(nn.Module):
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
-        # Kept in fp32 even when the model is cast to bf16: see the module docstring.
+        # Whatever dtype the model is cast to, forward() upcasts this weight and computes logits in fp32.
         self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, dim))
         if cfg.expert_bias:
             # A buffer, not a parameter: it is updated by the load rule below, never by the optimizer.
