@@ -60,6 +60,14 @@ def resolve_backend(name: str, dim: int, hidden: int, dtype: torch.dtype = torch
     return name
 
 
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """SwiGLU on a fused [gate | up] projection, or GELU."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
+
+
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu",
                  backend: str = "auto"):
@@ -80,12 +88,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """x_ND holds rows grouped by expert; offsets_E (int32) are cumulative group ends."""
-        h = self._gemm(x_ND, self.w_in_EDF2, offsets_E)
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
+        h = activate(self._gemm(x_ND, self.w_in_EDF2, offsets_E), self.activation)
         return self._gemm(h.contiguous(), self.w_out_EFD, offsets_E)
 
     def extra_repr(self) -> str:
@@ -103,10 +106,4 @@ class DenseMLP(nn.Module):
         self.w_out = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w_in(x)
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.w_out(h)
+        return self.w_out(activate(self.w_in(x), self.activation))
