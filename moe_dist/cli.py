@@ -17,9 +17,13 @@ def cmd_train(args) -> int:
     trainer = Trainer(cfg)
     n = sum(p.numel() for p in trainer.model.parameters())
     moe_ids = [i for i, b in enumerate(trainer.model.blocks) if b.is_moe]
-    print(f"moe-dist train: {args.config} | {n / 1e6:.2f}M parameters | {cfg.moe.num_experts} experts, "
-          f"top-{cfg.moe.top_k}, MoE layers {moe_ids} | experts backend {trainer.model.moe_layers[0].experts.backend}"
-          if moe_ids else f"moe-dist train: {args.config} | {n / 1e6:.2f}M parameters (no MoE layer)", flush=True)
+    header = f"moe-dist train: {args.config} | {n / 1e6:.2f}M parameters"
+    if moe_ids:
+        header += (f" | {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, MoE layers {moe_ids} | "
+                   f"experts backend {trainer.model.moe_layers[0].experts.backend}")
+    else:
+        header += " (no MoE layer)"
+    print(header, flush=True)
     history = trainer.fit(progress=not args.quiet)
     steps = history.steps
     first = sum(s.lm_loss for s in steps[:10]) / min(10, len(steps))
