@@ -8,8 +8,9 @@ Backends, chosen once at construction:
 - `grouped_mm`: torch._grouped_mm (CPU and GPU). Needs int32 cumulative row ends and row strides that
   are multiples of 16 bytes, so D and F must be multiples of 16 / element size.
 - `loop`: one matmul per expert; the reference, and the fallback for shapes grouped_mm refuses.
-- `triton`: the Triton grouped GEMM (kernels/, a later change); asking for it now raises.
-- `auto`: grouped_mm where the shapes allow it, else loop.
+- `triton`: the Triton grouped GEMM (`moe_dist.kernels.ops`), forward, dX and dW kernels. Runs on a CUDA
+  GPU, or on the CPU under `TRITON_INTERPRET=1` (correctness only); elsewhere asking for it raises.
+- `auto`: grouped_mm where the shapes allow it, else loop (never triton: it is asked for by name).
 """
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ def resolve_backend(name: str, dim: int, hidden: int, dtype: torch.dtype = torch
     if name not in BACKENDS:
         raise ValueError(f"moe.backend={name!r}: choose one of {', '.join(BACKENDS)}")
     if name == "triton":
-        raise ValueError("moe.backend='triton' is not available in this build yet; use 'auto' "
-                         "(grouped_mm) or 'loop'")
+        from moe_dist.kernels._configs import unavailable_reason
+        reason = unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"moe.backend='triton': {reason}; or use backend 'auto' (grouped_mm) or 'loop'")
     if name == "grouped_mm" and not grouped_mm_supported(dim, hidden, dtype):
         align = 16 // torch.empty((), dtype=dtype).element_size()
         raise ValueError(f"moe.backend='grouped_mm' needs model.dim={dim} and moe.expert_hidden={hidden} "
@@ -58,6 +61,14 @@ def resolve_backend(name: str, dim: int, hidden: int, dtype: torch.dtype = torch
     if name == "auto":
         return "grouped_mm" if grouped_mm_supported(dim, hidden, dtype) else "loop"
     return name
+
+
+def _select_gemm(backend: str):
+    if backend == "triton":
+        # Imported here: the kernel module decides compiled vs interpreted when it is first imported.
+        from moe_dist.kernels.ops import grouped_gemm as triton_gemm
+        return triton_gemm
+    return _grouped_mm if backend == "grouped_mm" else loop_gemm
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -79,7 +90,7 @@ class GroupedExperts(nn.Module):
         self.w_in_EDF2 = nn.Parameter(torch.empty(num_experts, dim, width))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.backend = resolve_backend(backend, dim, hidden)
-        self._gemm = _grouped_mm if self.backend == "grouped_mm" else loop_gemm
+        self._gemm = _select_gemm(self.backend)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
