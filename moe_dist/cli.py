@@ -61,6 +61,23 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from moe_dist.config import ConfigError
+    from moe_dist.plan import format_plan, make_plan, to_json
+    cfg = _load_config(args.config, args.overrides)
+    world = args.world if args.world is not None else cfg.parallel.world_size
+    if world is None:
+        raise ConfigError("no world size: pass --world N (or set parallel.world_size in the config)")
+    try:
+        plan = make_plan(cfg, world)
+    except ConfigError:
+        raise
+    except ValueError as e:              # the layout checks of ParallelDims.create: report as config errors
+        raise ConfigError(str(e)) from e
+    print(json.dumps(to_json(plan), indent=1) if args.json else format_plan(plan, args.config))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-dist", description="Expert-parallel Mixture-of-Experts training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -80,13 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_params)
+
+    pl = sub.add_parser("plan", help="rank groups, per-rank parameters, memory and all-to-all bytes of a layout "
+                                     "(no process started)")
+    pl.add_argument("config")
+    pl.add_argument("--world", type=int, default=None, help="number of ranks (default: parallel.world_size)")
+    pl.add_argument("--json", action="store_true", help="the same report as JSON")
+    pl.set_defaults(func=cmd_plan)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("train", "params"):
+    if rest and args.command not in ("train", "params", "plan"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     bad = [r for r in rest if not r.startswith("--") or "=" not in r]
     if bad:

@@ -1,0 +1,212 @@
+"""Tests for `moe-dist plan` (moe_dist.plan): groups against Megatron-core, parameter counts against the
+meta-device model of every layout, bytes and memory against hand arithmetic, the CLI and its errors."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_dist import cli, config
+from moe_dist.models.gpt import MoEGPT
+from moe_dist.parallel.topology import ParallelDims, Topology
+from moe_dist.plan import alltoall_rows_per_layer, make_plan, param_counts, to_json
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+TINY = str(CONFIGS / "tiny-cpu.yaml")
+MIXTRAL = str(CONFIGS / "mixtral-8x7b.yaml")
+
+
+def _cfg(name: str, tp: int = 1, ep: int = 1, etp: int = 1, *extra: str) -> config.Config:
+    return config.load(CONFIGS / f"{name}.yaml", [f"--parallel.tp={tp}", f"--parallel.ep={ep}",
+                                                 f"--parallel.etp={etp}", *extra])
+
+
+# (config, world, tp, ep, etp)
+LAYOUTS = [("tiny-cpu", 1, 1, 1, 1), ("tiny-cpu", 4, 1, 4, 1), ("tiny-cpu", 4, 1, 2, 1), ("tiny-cpu", 4, 2, 2, 1),
+           ("tiny-cpu", 4, 1, 2, 2), ("tiny-cpu", 8, 2, 2, 2), ("tiny-cpu", 8, 4, 8, 1), ("tiny-cpu", 16, 2, 2, 4),
+           ("deepseek-tiny", 16, 4, 8, 2), ("mixtral-8x7b", 64, 8, 8, 1), ("mixtral-8x7b", 32, 4, 2, 4)]
+
+
+# ------------------------------------------------------------------------------------------- groups
+
+@pytest.mark.parametrize("name,world,tp,ep,etp", LAYOUTS)
+def test_groups_equal_megatron_rank_generator(name, world, tp, ep, etp) -> None:
+    from megatron.core.parallel_state import RankGenerator
+    plan = make_plan(_cfg(name, tp, ep, etp), world)
+    d = plan.dims
+    dense = RankGenerator(tp=d.tp, ep=1, dp=d.dp, pp=1, cp=1, order="tp-cp-ep-dp-pp")
+    expert = RankGenerator(tp=d.etp, ep=d.ep, dp=d.edp, pp=1, cp=1, order="tp-cp-ep-dp-pp")
+    assert plan.groups["tp"] == dense.get_ranks("tp")
+    assert plan.groups["dp"] == dense.get_ranks("dp")
+    assert plan.groups["etp"] == expert.get_ranks("tp")
+    assert plan.groups["ep"] == expert.get_ranks("ep")
+    assert plan.groups["edp"] == expert.get_ranks("dp")
+    assert plan.groups["expert_mp"] == expert.get_ranks("tp-ep")
+    # Every rank sits in the group its coordinates name.
+    for r, co in enumerate(plan.coords):
+        assert plan.groups["ep"][co["etp"] + d.etp * co["edp"]][co["ep"]] == r
+        assert plan.groups["tp"][co["dp"]][co["tp"]] == r
+
+
+# --------------------------------------------------------------------------------------- parameters
+
+def test_mixtral_8x7b_published_sizes_and_fast() -> None:
+    start = time.perf_counter()
+    plan = make_plan(_cfg("mixtral-8x7b"), 1)         # the preset's ep=8 needs 8 ranks
+    make_plan(config.load(MIXTRAL), 64)
+    assert time.perf_counter() - start < 0.5          # analytic: no model is built
+    assert round(plan.params_global.total / 1e9, 2) == 46.70
+    assert round(plan.params_global.active / 1e9, 2) == 12.88
+    assert plan.params_rank == plan.params_global     # one rank holds everything
+
+
+@pytest.mark.parametrize("name,world,tp,ep,etp", [l for l in LAYOUTS if l[0] != "mixtral-8x7b"])
+def test_per_rank_counts_equal_meta_device_model(name, world, tp, ep, etp) -> None:
+    cfg = _cfg(name, tp, ep, etp)
+    dims = ParallelDims.create(world, tp=tp, ep=ep, etp=etp)
+    want = param_counts(cfg, dims)
+    for rank in {0, world - 1}:                      # every rank holds the same shapes; check both ends
+        with torch.device("meta"):
+            model = MoEGPT(cfg, Topology.virtual(dims, rank))
+        expert = sum(p.numel() for p in model.expert_parameters())
+        total = sum(p.numel() for p in model.parameters())
+        assert (total, expert) == (want.total, want.expert)
+
+
+@pytest.mark.parametrize("name,world,tp,ep,etp", LAYOUTS)
+def test_per_rank_counts_add_up_to_the_model(name, world, tp, ep, etp) -> None:
+    cfg = _cfg(name, tp, ep, etp)
+    plan = make_plan(cfg, world)
+    whole, rank = plan.params_global, plan.params_rank
+    # Each expert-model-parallel group (ep·etp ranks) holds every routed weight exactly once.
+    assert rank.expert * ep * etp == whole.expert
+    # The ranks' shares of the per-token active routed weights add up to the model's (up to rounding).
+    assert abs((rank.active - rank.dense) * ep * etp - (whole.active - whole.dense)) < ep * etp
+    # Dense weights: a replicated part plus a part split over tp, the same for every tp.
+    split = (whole.dense - rank.dense) * tp // (tp - 1) if tp > 1 else None
+    if split is not None:
+        tp2 = make_plan(_cfg(name, 2, 1, 1), 2).params_rank.dense
+        assert (whole.dense - tp2) * 2 == split
+
+
+# ---------------------------------------------------------------------------------------- all-to-all
+
+def test_bytes_by_hand_tiny_ep2() -> None:
+    # tiny-cpu: T = 8·128 = 1024 tokens, K = 2, D = 128, fp32, 4 MoE layers. ep = 2: half the 2048
+    # assignments go to the other rank: 1024 rows · 128 · 4 B = 512 KiB per all-to-all per layer.
+    plan = make_plan(_cfg("tiny-cpu", 1, 2, 1), 4)
+    assert alltoall_rows_per_layer(_cfg("tiny-cpu", 1, 2, 1), plan.dims) == {
+        "tokens": 1024, "assigned": 2048, "kept": 2048, "sent": 1024, "home": 1024, "etp_gathered": 0}
+    j = to_json(plan)["alltoall"]
+    assert j["bytes_per_layer"] == {"dispatch_fwd": 524288, "combine_fwd": 524288, "dispatch_bwd": 524288,
+                                    "combine_bwd": 524288, "gather_fwd": 0, "scatter_fwd": 0, "gather_bwd": 0,
+                                    "scatter_bwd": 0}
+    assert j["moe_layers"] == 4 and j["bytes_per_step_total"] == 4 * 4 * 524288
+
+
+def test_bytes_by_hand_tp_and_etp() -> None:
+    # tp = 2: each tp rank routes 512 tokens (1024 rows); ep = 2 sends half.
+    rows = make_plan(_cfg("tiny-cpu", 2, 2, 1), 4).comm.rows
+    assert (rows["tokens"], rows["sent"], rows["etp_gathered"]) == (512, 512, 0)
+    # etp = 2: the 2048 rows the rank keeps are all-gathered from its one ETP peer (2048 rows · 512 B).
+    plan = make_plan(_cfg("tiny-cpu", 1, 2, 2), 4)
+    assert plan.comm.rows["etp_gathered"] == 2048
+    assert plan.comm.etp_bytes == {k: 2048 * 512 for k in ("gather_fwd", "scatter_fwd", "gather_bwd", "scatter_bwd")}
+    # ep = 4 of 8 experts: 3/4 of the rows leave. Mixtral in bf16 at tp = 8, ep = 8: 512 tokens, 1024 rows,
+    # 7/8 leave, each 4096 · 2 B.
+    assert make_plan(_cfg("tiny-cpu", 1, 4, 1), 4).comm.rows["sent"] == 1536
+    mix = make_plan(_cfg("mixtral-8x7b", 8, 8, 1), 64).comm
+    assert mix.alltoall_bytes["dispatch_fwd"] == 896 * 4096 * 2 and mix.moe_layers == 32
+
+
+def test_capacity_limits_rows() -> None:
+    # switch-tiny: top-1 of 16, 2 MoE layers, T = 1024. cf = 0.5: C = ceil(1024/16·0.5) = 32 < 64 per expert,
+    # so 16·32 = 512 rows are kept; with ep = 4, 3/4 of them leave.
+    rows = alltoall_rows_per_layer(_cfg("switch-tiny", 1, 4, 1, "--moe.capacity_factor=0.5"),
+                                   ParallelDims(world=4, ep=4))
+    assert (rows["kept"], rows["sent"]) == (512, 384)
+    # cf = 1.25 leaves uniform routing untouched (C = 80 > 64).
+    assert alltoall_rows_per_layer(_cfg("switch-tiny", 1, 4, 1), ParallelDims(world=4, ep=4))["kept"] == 1024
+    # Four GShard groups of 256 tokens: C = max(ceil(16·0.5), min_capacity 20) = 20 > 16: nothing dropped.
+    cfg = _cfg("switch-tiny", 1, 4, 1, "--moe.capacity_factor=0.5", "--moe.capacity_groups=4", "--moe.min_capacity=20")
+    assert alltoall_rows_per_layer(cfg, ParallelDims(world=4, ep=4))["kept"] == 1024
+
+
+# -------------------------------------------------------------------------------------------- memory
+
+def test_memory_by_hand_tiny() -> None:
+    plan = make_plan(config.load(TINY), 1)
+    n = plan.params_rank.total
+    assert (plan.memory.weights, plan.memory.grads, plan.memory.optimizer) == (4 * n, 4 * n, 8 * n)
+    # Per block 2·T·D + T·Dh·(2H + 2Hkv) = 262,144 + 524,288; per MoE layer R·D·(2 + 2) + R·3F with R = 2048
+    # = 1,048,576 + 1,572,864; head 2·T·D + T·V = 524,288 elements; ×4 B, plus fp32 router logits/probs
+    # 4·T·E·2·4 B and fp32 logits T·V·4 B.
+    elements = 4 * (262_144 + 524_288) + 4 * (1_048_576 + 1_572_864) + 524_288
+    assert plan.memory.activations == elements * 4 + 4 * 1024 * 8 * 2 * 4 + 1024 * 256 * 4
+    # bf16: weights and gradients 2 B, optimizer 12 B (two fp32 moments and the fp32 master copy).
+    bf = make_plan(config.load(TINY, ["--train.dtype=bfloat16"]), 1).memory
+    assert (bf.weights, bf.grads, bf.optimizer) == (2 * n, 2 * n, 12 * n)
+    # Sharding attention and experts lowers what each rank keeps.
+    assert make_plan(_cfg("tiny-cpu", 2, 2, 2), 8).memory.activations < plan.memory.activations
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def test_cli_text(capsys) -> None:
+    assert cli.main(["plan", TINY, "--world", "4", "--parallel.ep=2"]) == 0
+    out = capsys.readouterr().out
+    assert "world=4 dense: dp=4×tp=1  expert: edp=2×ep=2×etp=1 | float32" in out
+    assert "  ep        [0,1] [2,3]" in out and "  edp       [0,2] [1,3]" in out
+    assert "   3     0     3     0     1     1  4-7" in out           # rank 3: ep rank 1 holds experts 4-7
+    assert "  expert             3,145,728         1,572,864" in out
+    assert "  dispatch_fwd            0.50 MiB        2.00 MiB" in out
+    assert "gather_fwd" not in out                               # no ETP rows without etp
+
+
+def test_cli_json(capsys) -> None:
+    assert cli.main(["plan", MIXTRAL, "--world", "64", "--parallel.tp=8", "--json"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert list(j) == ["layout", "groups", "ranks", "params", "memory_bytes", "alltoall"]
+    assert j["layout"] == {"world": 64, "tp": 8, "dp": 8, "ep": 8, "etp": 1, "edp": 8, "dtype": "bfloat16"}
+    assert list(j["groups"]) == ["tp", "dp", "etp", "ep", "edp", "expert_mp"]
+    assert j["ranks"][9] == {"rank": 9, "tp": 1, "dp": 1, "etp": 0, "ep": 1, "edp": 1, "experts": [1, 1]}
+    assert j["params"]["global"]["total"] == 46_702_792_704
+    assert j["params"]["per_rank"]["expert"] * 8 == j["params"]["global"]["expert"]
+    assert set(j["memory_bytes"]) == {"weights", "grads", "optimizer", "activations", "total"}
+    assert set(j["alltoall"]) == {"moe_layers", "rows_per_layer", "bytes_per_layer", "bytes_per_layer_total",
+                                  "bytes_per_step_total"}
+    assert j["alltoall"]["bytes_per_step_total"] == 32 * 4 * 896 * 4096 * 2
+    assert j == to_json(make_plan(config.load(MIXTRAL, ["--parallel.tp=8"]), 64))
+
+
+def test_cli_world_from_config(capsys) -> None:
+    assert cli.main(["plan", TINY, "--parallel.world_size=2", "--parallel.ep=2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"]["world"] == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--world", "3", "--parallel.tp=2"], "world size 3 is not divisible by parallel.tp=2; launch a multiple of 2 "
+                                          "ranks or change tp"),
+    (["--world", "6", "--parallel.ep=4"], "world size 6 is not divisible by parallel.ep·parallel.etp=4·1; launch "
+                                          "a multiple of 4 ranks or change ep/etp"),
+    (["--world", "3", "--parallel.ep=3"], "moe.num_experts=8 is not divisible by parallel.ep=3; choose ep that "
+                                          "divides the expert count"),
+    (["--world", "4", "--parallel.world_size=8"], "parallel.world_size=8 but 4 ranks were launched; launch 8 "
+                                                  "ranks or set parallel.world_size=4"),
+    (["--world", "0"], "world size=0: must be >= 1"),
+    ([], "no world size: pass --world N (or set parallel.world_size in the config)"),
+    (["--world", "8", "--parallel.tp=8"], "model.n_heads=4 is not divisible by parallel.tp=8; choose tp that "
+                                          "divides it"),
+])
+def test_cli_errors(capsys, argv, message) -> None:
+    assert cli.main(["plan", TINY, *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"moe-dist: config error: {message}"
+
+
+def test_make_plan_raises_value_error_from_parallel_dims() -> None:
+    with pytest.raises(ValueError, match=r"world size=-1: must be >= 1"):
+        make_plan(config.load(TINY), -1)
