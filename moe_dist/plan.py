@@ -117,9 +117,9 @@ def alltoall_rows_per_layer(cfg: Config, dims: ParallelDims) -> dict[str, float]
     etp_gathered (etp-1)·kept rows that the ETP all-gather brings from the other ETP members
     """
     e, t = cfg.moe, cfg.train
-    tokens = t.batch_size * t.seq_len / dims.tp
+    tokens = t.batch_size * t.seq_len // dims.tp        # config.validate checks that tp divides them
     assigned = tokens * e.top_k
-    cap = expert_capacity(int(tokens) // e.capacity_groups, e)
+    cap = expert_capacity(tokens // e.capacity_groups, e)
     kept = assigned if cap is None else min(assigned, e.capacity_groups * e.num_experts * cap)
     sent = kept * (dims.ep - 1) / dims.ep
     return {"tokens": tokens, "assigned": assigned, "kept": kept, "sent": sent, "home": kept - sent,
