@@ -192,10 +192,21 @@ def _ranks(envs, mode="allreduce", timeout_s=30):
     return _run([([sys.executable, WORKER, mode, str(timeout_s)], env) for env in envs])
 
 
+def _json_lines(out):
+    return sorted((json.loads(line) for line in out.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+
+
 def _results(runs):
     for rc, out, err in runs:
-        assert rc == 0, f"rank failed (rc={rc}):\n{out}\n{err[-3000:]}"
-    return sorted((json.loads(out.strip().splitlines()[-1]) for _, out, _ in runs), key=lambda r: r["rank"])
+        assert rc == 0, f"failed (rc={rc}):\n{out}\n{err[-3000:]}"
+    return _json_lines("".join(out for _, out, _ in runs))
+
+
+def _torchrun_envs(**extra):
+    """What torchrun would give two ranks on this host, on a free port."""
+    port = str(_free_port())
+    return [{**_base_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": port, **extra} for r in range(2)]
 
 
 def _check_sum(results, launcher):
@@ -209,17 +220,13 @@ def test_torchrun_two_ranks():
         pytest.skip("torchrun is not installed beside this python")
     cmd = [torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), WORKER, "allreduce", "30"]
-    [(rc, out, err)] = _run([(cmd, _base_env())])
-    assert rc == 0, f"torchrun failed (rc={rc}):\n{out}\n{err[-3000:]}"
-    results = sorted((json.loads(line) for line in out.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    results = _results(_run([(cmd, _base_env())]))
     _check_sum(results, "torchrun")
     assert [r["local_rank"] for r in results] == [0, 1]
 
 
 def test_deepspeed_style_two_ranks():
-    port = str(_free_port())
-    envs = [{**_base_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": port, "CROSS_RANK": "0", "CROSS_SIZE": "1", "LOCAL_SIZE": "2"} for r in range(2)]
+    envs = _torchrun_envs(CROSS_RANK="0", CROSS_SIZE="1", LOCAL_SIZE="2")  # deepspeed/launcher/launch.py's extras
     _check_sum(_results(_ranks(envs)), "deepspeed")
 
 
@@ -265,9 +272,7 @@ def _mpirun():
 
 def test_mpirun_two_ranks_broadcast_master():
     cmd = [*_mpirun(), "-np", "2", sys.executable, WORKER, "allreduce", "30"]
-    [(rc, out, err)] = _run([(cmd, _base_env())])
-    assert rc == 0, f"mpirun failed (rc={rc}):\n{out}\n{err[-3000:]}"
-    results = sorted((json.loads(line) for line in out.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    results = _results(_run([(cmd, _base_env())]))
     _check_sum(results, "mpi")
     assert len({(r["addr"], r["port"]) for r in results}) == 1  # rank 0's address reached rank 1
     assert results[0]["port"] is not None
@@ -284,11 +289,8 @@ def test_mpi_variables_without_a_matching_mpirun_are_refused():
 @pytest.mark.parametrize("mode", ["exit", "stall"])
 def test_dead_peer_gives_an_error_within_the_timeout(mode):
     timeout_s = 4
-    port = str(_free_port())
-    envs = [{**_base_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": port} for r in range(2)]
     procs = [subprocess.Popen([sys.executable, WORKER, mode, str(timeout_s)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for env in envs]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for env in _torchrun_envs()]
     try:
         out, err = procs[0].communicate(timeout=WAIT_S)
     finally:

@@ -119,7 +119,8 @@ def _slurm_master(env: Mapping[str, str]) -> tuple[str, int]:
         try:
             addr = expand_nodelist(env[var])[0]
         except ValueError as e:
-            raise ValueError(f"{var}={env[var]!r} cannot be parsed ({e}); export MASTER_ADDR=<host of rank 0>") from None
+            raise ValueError(f"{var}={env[var]!r} cannot be parsed ({e}); "
+                             "export MASTER_ADDR=<host of rank 0>") from None
     port = _port(env)
     if port is None:
         job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
