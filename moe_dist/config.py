@@ -35,10 +35,16 @@ class MoEConfig:
     force_balanced: bool = False        # debugging/benchmarks: round-robin routing, ignores the router
     aux_loss_coef: float = 0.01         # α of the load-balancing loss; 0 disables
     aux_loss_type: Literal["global", "seq"] = "global"   # batch-level (Switch) or sequence-level (DeepSeek)
+    # Load-balancing statistics over one rank's micro-batch, or summed over every data-parallel rank
+    # (Megatron's global-batch balance: the loss then equals one process on the whole global batch).
+    balance_over: Literal["micro_batch", "global_batch"] = "micro_batch"
     z_loss_coef: float = 0.0            # ST-MoE router z-loss; 0 disables
     capacity_factor: Optional[float] = None   # None = dropless
     min_capacity: int = 4
     drop_policy: Literal["probs", "position"] = "probs"
+    # GShard groups: capacity applies per group of T/G consecutive tokens. On N ranks every rank's tokens
+    # already form a group; one process with capacity_groups=N reproduces an N-rank run exactly.
+    capacity_groups: int = 1
     pad_to_capacity: bool = False
     num_shared_experts: int = 0         # DeepSeek: dense MLP(s) applied to every token
     shared_expert_hidden: Optional[int] = None  # default: num_shared_experts * expert_hidden
@@ -234,6 +240,8 @@ def validate_moe(m: MoEConfig) -> None:
         raise bad("capacity_factor", "must be > 0, or null for dropless routing")
     if m.min_capacity < 0:
         raise bad("min_capacity", "must be >= 0")
+    if m.capacity_groups < 1:
+        raise bad("capacity_groups", "must be >= 1")
     if m.pad_to_capacity and m.capacity_factor is None:
         raise bad("pad_to_capacity", "needs moe.capacity_factor to be set (dropless has no capacity)")
     if m.num_groups < 1:
@@ -282,6 +290,25 @@ def validate(cfg: Config) -> None:
                           "choose ep that divides the expert count")
     if p.world_size is not None and p.world_size < 1:
         raise ConfigError(f"parallel.world_size={p.world_size}: must be >= 1 or null")
+    if p.world_size is not None:
+        validate_world(cfg, p.world_size)
+    kv = m.n_kv_heads or m.n_heads
+    for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv),
+                        ("model.dense_hidden", m.dense_hidden)):
+        if value % p.tp:
+            raise ConfigError(f"{name}={value} is not divisible by parallel.tp={p.tp}; choose tp that divides it")
+    if (t.batch_size * t.seq_len) % p.tp:
+        raise ConfigError(f"train.batch_size·train.seq_len={t.batch_size * t.seq_len} tokens do not split over "
+                          f"parallel.tp={p.tp} (each tp rank routes 1/tp of them); change batch_size or tp")
+    if p.tp > 1 and cfg.moe.aux_loss_type == "seq" and t.batch_size % p.tp:
+        raise ConfigError(f"train.batch_size={t.batch_size}: the sequence-level aux loss with parallel.tp={p.tp} "
+                          "needs whole sequences on each tp rank; make batch_size a multiple of tp")
+    if cfg.moe.expert_hidden % p.etp:
+        raise ConfigError(f"moe.expert_hidden={cfg.moe.expert_hidden} is not divisible by parallel.etp={p.etp}; "
+                          "choose etp that divides it")
+    if cfg.moe.pad_to_capacity and p.ep * p.etp > 1:
+        raise ConfigError("moe.pad_to_capacity=True is single-process only (expert parallelism never pads on the "
+                          "wire); set it false or use parallel.ep=1, parallel.etp=1")
     if p.timeout_s <= 0:
         raise ConfigError(f"parallel.timeout_s={p.timeout_s}: must be > 0")
     for name in ("steps", "batch_size", "seq_len", "log_every"):
@@ -299,3 +326,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
 
 
+def validate_world(cfg: Config, world: int) -> None:
+    """Check that `world` ranks can hold the layout; raised before any process group is created."""
+    p = cfg.parallel
+    if p.world_size is not None and world != p.world_size:
+        raise ConfigError(f"parallel.world_size={p.world_size} but {world} ranks were launched; launch "
+                          f"{p.world_size} ranks or set parallel.world_size={world}")
+    if world % p.tp:
+        raise ConfigError(f"world size {world} is not divisible by parallel.tp={p.tp}; launch a multiple of "
+                          f"{p.tp} ranks or change tp")
+    if world % (p.ep * p.etp):
+        raise ConfigError(f"world size {world} is not divisible by parallel.ep·parallel.etp={p.ep}·{p.etp}; "
+                          f"launch a multiple of {p.ep * p.etp} ranks or change ep/etp")

@@ -7,13 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import zlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_dist.config import Config, ModelConfig
-from moe_dist.moe.experts import DenseMLP
 from moe_dist.moe.layer import MoELayer, MoEStats
+from moe_dist.parallel.tensor_parallel import (ColumnParallelLinear, ParallelMLP, RowParallelLinear, Shard,
+                                               global_shape, local_slice)
+from moe_dist.parallel.topology import Group, Topology
 
 
 def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
@@ -34,14 +38,19 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Heads split over tp: q and [k | v] are column parallel, the output projection row parallel."""
+
+    def __init__(self, cfg: ModelConfig, tp: Group):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.n_kv = cfg.n_kv_heads or cfg.n_heads
+        n_kv = cfg.n_kv_heads or cfg.n_heads
+        if cfg.n_heads % tp.size or n_kv % tp.size:
+            raise ValueError(f"model.n_heads={cfg.n_heads} and key/value heads {n_kv} must be divisible by "
+                             f"parallel.tp={tp.size}")
+        self.n_heads, self.n_kv = cfg.n_heads // tp.size, n_kv // tp.size
         self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wkv = nn.Linear(cfg.dim, 2 * self.n_kv * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * self.head_dim, tp)
+        self.wkv = ColumnParallelLinear(cfg.dim, 2 * n_kv * self.head_dim, tp, chunks=2)
+        self.wo = RowParallelLinear(cfg.n_heads * self.head_dim, cfg.dim, tp)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
@@ -54,14 +63,15 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, layer_id: int):
+    def __init__(self, cfg: Config, layer_id: int, topo: Topology):
         super().__init__()
         m = cfg.model
         self.attn_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
-        self.attn = Attention(m)
+        self.attn = Attention(m, topo.tp)
         self.mlp_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
         self.is_moe = is_moe_layer(m, layer_id)
-        self.mlp = MoELayer(cfg.moe, m.dim) if self.is_moe else DenseMLP(m.dim, m.dense_hidden, cfg.moe.activation)
+        self.mlp = (MoELayer(cfg.moe, m.dim, topo) if self.is_moe
+                    else ParallelMLP(m.dim, m.dense_hidden, cfg.moe.activation, topo.tp))
 
     def forward(self, x, cos, sin) -> tuple[torch.Tensor, Optional[MoEStats]]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -86,12 +96,17 @@ class ModelOutput:
 
 
 class MoEGPT(nn.Module):
-    def __init__(self, cfg: Config):
+    """`topo` is the parallel layout (one process when None); the module holds this rank's shards.
+    Every layout draws the same global weights (`reset_parameters`), so N ranks start where one
+    process does."""
+
+    def __init__(self, cfg: Config, topo: Optional[Topology] = None):
         super().__init__()
         self.cfg = cfg
+        self.topo = topo = topo or Topology.single()
         m = cfg.model
         self.embed = nn.Embedding(m.vocab_size, m.dim)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(m.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, topo) for i in range(m.n_layers))
         self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
         self.head = nn.Linear(m.dim, m.vocab_size, bias=False)
         if m.tie_embeddings:
@@ -101,15 +116,44 @@ class MoEGPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    @property
+    def param_shards(self) -> dict[str, tuple[Shard, ...]]:
+        """Name → how the parameter is split over ranks; names absent here are replicated."""
+        out = {}
+        for mod_name, mod in self.named_modules():
+            if mod is self:
+                continue
+            for pname, shards in getattr(mod, "param_shards", getattr(mod, "shards", {})).items():
+                out[f"{mod_name}.{pname}" if mod_name else pname] = shards
+        return out
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Each matrix is drawn whole from a generator seeded by (train.seed, its name), then sliced to this
+        rank's shard: the weights are the same whatever the layout, and no global RNG is consumed."""
+        if self.embed.weight.is_meta:
+            return
         std = self.cfg.model.init_std
         # GPT-2 style: projections that write into the residual stream are scaled down with depth.
         out_std = std / (2 * self.cfg.model.n_layers) ** 0.5
+        shards = self.param_shards
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue
             scaled = name.endswith(("wo.weight", "w_out.weight", "w_out_EFD"))
-            nn.init.normal_(p, std=out_std if scaled else std)
+            gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + zlib.crc32(name.encode()))
+            spec = shards.get(name, ())
+            full = torch.empty(global_shape(p.shape, spec, self.topo)).normal_(0.0, out_std if scaled else std,
+                                                                           generator=gen)
+            p.copy_(local_slice(full, spec, self.topo))
+
+    def tp_partial_parameters(self) -> list[nn.Parameter]:
+        """Replicated over tp but fed by only this rank's token slice (router, shared experts): their
+        gradients are summed over tp before the data-parallel reduction."""
+        if self.topo.tp.size == 1:
+            return []
+        return [p for layer in self.moe_layers for m in (layer.router, layer.shared) if m is not None
+                for p in m.parameters()]
 
     @property
     def moe_layers(self) -> list[MoELayer]:

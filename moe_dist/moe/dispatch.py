@@ -5,8 +5,8 @@ A dispatcher has two calls. `dispatch` returns the rows grouped by local expert,
 and a frozen metadata value; `combine` takes the expert output and that value back. The state of one
 forward lives in the metadata, never in `self`, so one dispatcher serves every micro-batch.
 
-`LocalDispatcher` is the single-process case: permute and unpermute, no communication. The
-expert-parallel all-to-all dispatcher fills the same slot.
+`LocalDispatcher` is the single-process case: permute and unpermute, no communication.
+`AllToAllDispatcher` fills the same slot when experts are sharded over ranks.
 """
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
+import torch.distributed as dist
 
 from moe_dist.kernels.reference import PermuteMap, make_permute_map, permute, unpermute
+from moe_dist.parallel.comm import all_to_all
+from moe_dist.parallel.topology import Group
 
 
 @dataclass(frozen=True)
@@ -51,3 +54,108 @@ class LocalDispatcher:
 
     def combine(self, y_ND, meta):
         return unpermute(y_ND, meta.pmap, meta.weights_TK)
+
+
+@dataclass(frozen=True)
+class AllToAllMeta:
+    local: DispatchMeta
+    send_splits: tuple[int, ...]     # rows this rank sent to each EP member
+    recv_splits: tuple[int, ...]     # rows this rank received from each EP member
+    etp_splits: tuple[int, ...]      # rows each ETP member received (what the ETP all-gather joins)
+    order_R: torch.Tensor            # received rows (by source, then expert) → rows grouped by local expert
+    inverse_R: torch.Tensor          # the inverse permutation
+
+    def rows_out(self, ep_rank: int) -> int:
+        """Rows that left this rank in the dispatch (its own block stays home)."""
+        return sum(self.send_splits) - self.send_splits[ep_rank]
+
+    def rows_in(self, ep_rank: int) -> int:
+        """Rows that arrived from other ranks."""
+        return sum(self.recv_splits) - self.recv_splits[ep_rank]
+
+
+class AllToAllDispatcher:
+    """Experts sharded over the expert-parallel group `ep` (whole experts, contiguous: global expert e
+    lives on EP member e // E_local) and, with expert tensor parallelism, each expert's hidden dim over
+    `etp`.
+
+    dispatch: permute rows by global expert (= by (destination, local expert)) → exchange per-expert
+    counts → all-to-all with variable splits over ep → [etp > 1: all-gather the received rows over etp]
+    → regroup by local expert. combine runs the mirror image; the ETP step becomes a reduce-scatter,
+    which also sums the row-parallel partial outputs of the experts. Dropless routing sends exactly the
+    rows that leave the rank: no padding ever goes on the wire.
+    """
+
+    def __init__(self, num_experts: int, ep: Group, etp: Group):
+        if num_experts % ep.size:
+            raise ValueError(f"moe.num_experts={num_experts} is not divisible by parallel.ep={ep.size}")
+        self.num_experts, self.ep, self.etp = num_experts, ep, etp
+        self.num_local_experts = num_experts // ep.size
+
+    def dispatch(self, x_TD, indices_TK, weights_TK, keep_TK, capacity):
+        P, L, Q = self.ep.size, self.num_local_experts, self.etp.size
+        pmap = make_permute_map(indices_TK, self.num_experts, keep_TK)
+        x_ND = permute(x_TD, pmap)
+        send_PL = pmap.counts_E.view(P, L)
+        recv_PL = _exchange_counts(send_PL, self.ep)
+        recv_QPL = _gather_counts(recv_PL, self.etp)
+        # The one host sync of the layer: the all-to-all needs its split sizes on the host. Both the
+        # send and the receive counts come over in a single transfer.
+        host = torch.cat([send_PL.reshape(-1), recv_QPL.reshape(-1)]).tolist()
+        send_P = [sum(host[p * L:(p + 1) * L]) for p in range(P)]
+        recv_q = host[P * L:]
+        etp_splits = [sum(recv_q[q * P * L:(q + 1) * P * L]) for q in range(Q)]
+        mine = recv_q[self.etp.rank * P * L:(self.etp.rank + 1) * P * L]
+        recv_P = [sum(mine[p * L:(p + 1) * L]) for p in range(P)]
+
+        x_RD = all_to_all(x_ND, send_P, recv_P, self.ep)
+        if Q > 1:
+            # All-gather with unequal sizes, as an all-to-all that sends this rank's rows to every member.
+            x_RD = all_to_all(x_RD.repeat(Q, 1), [x_RD.shape[0]] * Q, etp_splits, self.etp)
+        # Received rows are ordered (etp source, ep source, local expert); the experts want them by
+        # local expert. A stable sort on the expert id of each row keeps sources in order inside an expert.
+        counts_SL = recv_QPL.reshape(Q * P, L)
+        expert_of_row = torch.arange(L, device=x_TD.device).repeat(Q * P).repeat_interleave(
+            counts_SL.reshape(-1), output_size=sum(etp_splits))
+        order_R = torch.argsort(expert_of_row, stable=True)
+        inverse_R = torch.empty_like(order_R)
+        inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
+        offsets_L = torch.cumsum(counts_SL.sum(0), 0).to(torch.int32)
+        meta = AllToAllMeta(DispatchMeta(pmap, weights_TK), tuple(send_P), tuple(recv_P), tuple(etp_splits),
+                            order_R, inverse_R)
+        return x_RD.index_select(0, order_R), offsets_L, meta
+
+    def combine(self, y_RD, meta: AllToAllMeta):
+        Q = self.etp.size
+        y_RD = y_RD.index_select(0, meta.inverse_R)
+        if Q > 1:
+            # Reduce-scatter: each member's block goes back to it and the Q partial sums are added.
+            mine = meta.etp_splits[self.etp.rank]
+            y_RD = all_to_all(y_RD, meta.etp_splits, [mine] * Q, self.etp).view(Q, mine, y_RD.shape[1]).sum(0)
+        y_ND = all_to_all(y_RD, meta.recv_splits, meta.send_splits, self.ep)
+        return keep_connected(unpermute(y_ND, meta.local.pmap, meta.local.weights_TK), y_ND)
+
+
+def keep_connected(out: torch.Tensor, empty_src: torch.Tensor) -> torch.Tensor:
+    """`out`, still joined to the autograd graph of `empty_src` when that has no rows. Ops on empty inputs
+    may return fresh zeros; then backward would skip this rank's all-to-alls, which every member of the
+    group must join, and the other ranks would wait until the timeout."""
+    return out + empty_src.sum() if empty_src.shape[0] == 0 and empty_src.requires_grad else out
+
+
+def _exchange_counts(send_PL: torch.Tensor, ep: Group) -> torch.Tensor:
+    """recv[p, l] = rows EP member p sends to this rank's local expert l."""
+    if ep.handle is None:
+        return send_PL
+    recv = torch.empty_like(send_PL)
+    dist.all_to_all_single(recv, send_PL.contiguous(), group=ep.handle)
+    return recv
+
+
+def _gather_counts(recv_PL: torch.Tensor, etp: Group) -> torch.Tensor:
+    """[Q, P, L]: what every ETP member received, for the all-gather's split sizes."""
+    if etp.handle is None:
+        return recv_PL.unsqueeze(0)
+    parts = [torch.empty_like(recv_PL) for _ in range(etp.size)]
+    dist.all_gather(parts, recv_PL.contiguous(), group=etp.handle)
+    return torch.stack(parts)

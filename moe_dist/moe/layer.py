@@ -12,9 +12,12 @@ import torch.nn as nn
 from moe_dist.config import MoEConfig
 from moe_dist.moe import losses
 from moe_dist.moe.capacity import apply_capacity, expert_capacity
-from moe_dist.moe.dispatch import Dispatcher, LocalDispatcher
-from moe_dist.moe.experts import DenseMLP, GroupedExperts
+from moe_dist.moe.dispatch import AllToAllDispatcher, AllToAllMeta, Dispatcher, LocalDispatcher, keep_connected
+from moe_dist.moe.experts import GroupedExperts
 from moe_dist.moe.router import Router
+from moe_dist.parallel.comm import all_reduce_, gather_rows, split_rows
+from moe_dist.parallel.tensor_parallel import ParallelMLP, Shard
+from moe_dist.parallel.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,10 @@ class MoEStats:
     aux_loss: torch.Tensor            # scaled by moe.aux_loss_coef, joined to the graph
     z_loss: torch.Tensor              # scaled by moe.z_loss_coef, joined to the graph
     entropy: torch.Tensor             # mean router entropy (nats), detached
-    num_tokens: int
+    num_tokens: int                   # tokens this rank routed (its 1/tp slice under tensor parallelism)
     capacity: Optional[int]
+    a2a_rows_out: int = 0             # rows this rank sent to other EP ranks in the dispatch
+    a2a_rows_in: int = 0              # rows it received from them
 
     @property
     def drop_fraction(self) -> float:
@@ -35,50 +40,107 @@ class MoEStats:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: MoEConfig, dim: int, dispatcher: Optional[Dispatcher] = None):
+    """`topo` is the parallel layout (single process when None). With tensor parallelism each tp rank
+    routes a contiguous 1/tp of its (replicated) tokens and the outputs are all-gathered back, so every
+    token is routed once; the router and shared experts then see partial gradients over tp
+    (`MoEGPT.tp_partial_parameters`)."""
+
+    def __init__(self, cfg: MoEConfig, dim: int, topo: Optional[Topology] = None,
+                 dispatcher: Optional[Dispatcher] = None):
         super().__init__()
         self.cfg = cfg
+        self.topo = topo = topo or Topology.single()
         self.router = Router(cfg, dim)
-        self.dispatcher = dispatcher or LocalDispatcher(cfg.num_experts, pad_to_capacity=cfg.pad_to_capacity)
-        self.experts = GroupedExperts(self.dispatcher.num_local_experts, dim, cfg.expert_hidden,
+        if dispatcher is None:
+            if topo.ep.size * topo.etp.size > 1:
+                dispatcher = AllToAllDispatcher(cfg.num_experts, topo.ep, topo.etp)
+            else:
+                dispatcher = LocalDispatcher(cfg.num_experts, pad_to_capacity=cfg.pad_to_capacity)
+        self.dispatcher = dispatcher
+        if cfg.expert_hidden % topo.etp.size:
+            raise ValueError(f"moe.expert_hidden={cfg.expert_hidden} is not divisible by parallel.etp={topo.etp.size}")
+        self.experts = GroupedExperts(self.dispatcher.num_local_experts, dim, cfg.expert_hidden // topo.etp.size,
                                       cfg.activation, cfg.backend)
         shared_hidden = cfg.shared_expert_hidden or cfg.num_shared_experts * cfg.expert_hidden
-        self.shared = DenseMLP(dim, shared_hidden, cfg.activation) if cfg.num_shared_experts else None
+        # Shared experts run on this rank's token slice, unsplit (a group of one).
+        self.shared = (ParallelMLP(dim, shared_hidden, cfg.activation, Topology.single().tp)
+                       if cfg.num_shared_experts else None)
+        # Statistics of the load-balancing loss: over the dp rank's micro-batch (its tp ranks hold slices
+        # of it) or over the whole global batch (every rank).
+        self.stats_group = topo.world if cfg.balance_over == "global_batch" else topo.tp
+        self.stats_shards = topo.dims.dp if cfg.balance_over == "global_batch" else 1
+
+    @property
+    def param_shards(self) -> dict[str, tuple[Shard, ...]]:
+        chunks = 2 if self.cfg.activation == "swiglu" else 1
+        sh = {"experts.w_in_EDF2": [Shard(0, "ep")], "experts.w_out_EFD": [Shard(0, "ep")]}
+        if self.topo.etp.size > 1:
+            sh["experts.w_in_EDF2"].append(Shard(2, "etp", chunks))
+            sh["experts.w_out_EFD"].append(Shard(1, "etp"))
+        return {k: tuple(v) for k, v in sh.items() if self.topo.ep.size > 1 or len(v) > 1}
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        cfg = self.cfg
+        cfg, tp = self.cfg, self.topo.tp
         B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(B * S, D)
+        x_TD = split_rows(x_BSD.reshape(B * S, D), tp)
+        T = x_TD.shape[0]
         r = self.router(x_TD)
 
         counts_E = torch.bincount(r.indices_TK.reshape(-1), minlength=cfg.num_experts)
-        aux = self._aux_loss(r.probs_TE, r.indices_TK, counts_E, B, S)
-        zl = losses.z_loss(r.logits_TE, cfg.z_loss_coef) if cfg.z_loss_coef > 0 else x_TD.new_zeros((), dtype=torch.float32)
+        aux = self._aux_loss(r.probs_TE, r.indices_TK, counts_E, B // tp.size, S)
+        if cfg.z_loss_coef > 0:
+            # Each tp rank holds 1/tp of the micro-batch: the slices' losses sum to its mean over tp ranks.
+            zl = losses.z_loss(r.logits_TE, cfg.z_loss_coef) / tp.size
+        else:
+            zl = x_TD.new_zeros((), dtype=torch.float32)
 
-        cap = expert_capacity(B * S, cfg)
-        dropped = apply_capacity(r.indices_TK, r.weights_TK, cfg.num_experts, cap, cfg.drop_policy)
-
-        x_ND, offsets_E, meta = self.dispatcher.dispatch(x_TD, r.indices_TK, r.weights_TK,
-                                                         dropped.keep_TK, cap)
-        y_ND = self.experts(x_ND, offsets_E)
+        keep_TK, dropped_E, cap = self._capacity(r.indices_TK, r.weights_TK, T)
+        x_ND, offsets_E, meta = self.dispatcher.dispatch(x_TD, r.indices_TK, r.weights_TK, keep_TK, cap)
+        y_ND = keep_connected(self.experts(x_ND, offsets_E), x_ND)
         y_TD = self.dispatcher.combine(y_ND, meta)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
+        y_TD = gather_rows(y_TD, tp)
 
-        stats = MoEStats(tokens_per_expert=(counts_E - dropped.dropped_E).detach(),
-                         dropped=dropped.dropped_E, aux_loss=aux, z_loss=zl,
-                         entropy=losses.router_entropy(r.probs_TE), num_tokens=B * S, capacity=cap)
+        rows_out = rows_in = 0
+        if isinstance(meta, AllToAllMeta):
+            rows_out, rows_in = meta.rows_out(self.topo.ep.rank), meta.rows_in(self.topo.ep.rank)
+        stats = MoEStats(tokens_per_expert=(counts_E - dropped_E).detach(),
+                         dropped=dropped_E, aux_loss=aux, z_loss=zl,
+                         entropy=losses.router_entropy(r.probs_TE), num_tokens=T, capacity=cap,
+                         a2a_rows_out=rows_out, a2a_rows_in=rows_in)
         return y_TD.view(B, S, D), stats
+
+    def _capacity(self, indices_TK, weights_TK, T):
+        """Capacity per GShard group of T/G consecutive tokens (G = moe.capacity_groups): expert e of
+        group g is the virtual expert g·E + e."""
+        cfg, G, E = self.cfg, self.cfg.capacity_groups, self.cfg.num_experts
+        if T % G:
+            raise ValueError(f"{T} tokens do not split into moe.capacity_groups={G} groups")
+        cap = expert_capacity(T // G, cfg)
+        if G == 1:
+            res = apply_capacity(indices_TK, weights_TK, E, cap, cfg.drop_policy)
+            return res.keep_TK, res.dropped_E, cap
+        group_T1 = (torch.arange(T, device=indices_TK.device) // (T // G)).unsqueeze(1)
+        res = apply_capacity(indices_TK + group_T1 * E, weights_TK, G * E, cap, cfg.drop_policy)
+        return res.keep_TK, res.dropped_E.view(G, E).sum(0), cap
 
     def _aux_loss(self, probs_TE, indices_TK, counts_E, B, S) -> torch.Tensor:
         cfg = self.cfg
         if cfg.aux_loss_coef == 0:
             return probs_TE.new_zeros(())
         if cfg.aux_loss_type == "seq":
+            # Whole sequences per rank (validated); each slice's share of the dp rank's mean over sequences.
             seq_of_token = torch.arange(B * S, device=probs_TE.device).repeat_interleave(cfg.top_k) // S
             counts_BE = torch.zeros(B, cfg.num_experts, dtype=torch.long, device=probs_TE.device)
             counts_BE.index_put_((seq_of_token, indices_TK.reshape(-1)),
                                  torch.ones_like(seq_of_token), accumulate=True)
             return losses.seq_load_balancing_loss(probs_TE.view(B, S, cfg.num_experts), counts_BE, cfg.top_k,
-                                                  cfg.aux_loss_coef)
-        return losses.load_balancing_loss(probs_TE, counts_E, cfg.top_k, cfg.aux_loss_coef)
+                                                  cfg.aux_loss_coef) / self.topo.tp.size
+        # f_i from the counts of the whole statistics group; P_i from this rank's share. The loss on each
+        # rank is its part of the group's loss, scaled so that gradient averaging over dp recovers it.
+        counts_tokens = torch.cat([counts_E, counts_E.new_tensor([probs_TE.shape[0]])])
+        all_reduce_(counts_tokens, self.stats_group)
+        return self.stats_shards * losses.load_balancing_loss(probs_TE, counts_tokens[:-1], cfg.top_k,
+                                                              cfg.aux_loss_coef,
+                                                              num_tokens=int(counts_tokens[-1]))  # host sync: a scalar

@@ -1,5 +1,6 @@
-"""The training loop, as a class with small methods. One process here; the expert-parallel layout
-plugs in through the model's dispatcher and the gradient reduction (parallel/, a later change)."""
+"""The training loop, as a class with small methods. The parallel layout comes in as a `Topology`
+(one process when None): the model holds this rank's shards, the batcher reads this dp rank's
+windows, and gradients are reduced over the layout's groups before the optimizer step."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,9 @@ from tqdm import tqdm
 
 from moe_dist.config import Config, TrainConfig
 from moe_dist.models.gpt import MoEGPT, ModelOutput
+from moe_dist.parallel.comm import all_reduce_
+from moe_dist.parallel.grads import clip_gradients, reduce_gradients
+from moe_dist.parallel.topology import Topology
 from moe_dist.train.data import Batcher, TokenDataset
 
 
@@ -42,10 +46,11 @@ class StepResult:
     lm_loss: float
     aux_loss: float
     drop_fraction: float
-    tokens_per_expert: list[torch.Tensor]   # per MoE layer, [E]
+    tokens_per_expert: list[torch.Tensor]   # per MoE layer, [E], summed over every rank
     grad_norm: float
     lr: float
     seconds: float
+    a2a_rows_out: int = 0                    # rows this rank sent to other EP ranks (all MoE layers, forward)
 
 
 @dataclass
@@ -58,15 +63,29 @@ class History:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model: Optional[MoEGPT] = None, batcher: Optional[Batcher] = None):
+    def __init__(self, cfg: Config, model: Optional[MoEGPT] = None, batcher: Optional[Batcher] = None,
+                 topo: Optional[Topology] = None):
         self.cfg = cfg
-        torch.manual_seed(cfg.train.seed)
-        self.model = model or MoEGPT(cfg)
+        self.topo = topo = topo or Topology.single()
+        torch.manual_seed(cfg.train.seed + topo.rank)    # jitter noise differs per rank, as per micro-batch
+        self.model = model or MoEGPT(cfg, topo)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.batcher = batcher or Batcher(
             TokenDataset(cfg.data.path, cfg.train.seq_len, "train", cfg.data.val_fraction),
-            cfg.train.batch_size, cfg.train.seed)
+            cfg.train.batch_size, cfg.train.seed, rank=topo.dp.rank, world=topo.dp.size)
         self.history = History()
+
+    @property
+    def is_logger(self) -> bool:
+        return self.topo.rank == 0
+
+    def _global_losses(self, out: ModelOutput) -> tuple[float, float]:
+        """(LM loss, aux loss) of the global batch: LM is replicated over tp and averaged over dp; each
+        rank's aux loss is its share of its group's loss, so the world sum over dp gives the mean."""
+        v = torch.stack([out.lm_loss.detach().float() / self.topo.tp.size, out.aux_loss.detach().float()])
+        all_reduce_(v, self.topo.world)
+        v = v / self.topo.dims.dp
+        return float(v[0]), float(v[1])   # host sync: logging
 
     def train_step(self, step: int) -> StepResult:
         t0 = time.perf_counter()
@@ -78,28 +97,36 @@ class Trainer:
         out: ModelOutput = self.model(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        clip = self.cfg.train.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"step {step}: loss is {out.loss.item()}; lower train.lr or check the data")
+        reduce_gradients(self.model, self.topo)
+        norm = clip_gradients(self.model, self.topo, self.cfg.train.grad_clip)
+        lm, aux = self._global_losses(out)
+        if not math.isfinite(lm + aux):
+            raise FloatingPointError(f"step {step}: loss is {lm + aux}; lower train.lr or check the data")
         self.optimizer.step()
-        counts = [s.tokens_per_expert for s in out.stats]
+        # Per-expert counts over every rank's tokens: the bias rule and the load report see the global batch.
+        E = self.cfg.moe.num_experts
+        kept_dropped = torch.stack([torch.stack([s.tokens_per_expert, s.dropped]) for s in out.stats]) \
+            if out.stats else torch.zeros(0, 2, E, dtype=torch.long)
+        all_reduce_(kept_dropped, self.topo.world)
+        counts = list(kept_dropped[:, 0])
         self.model.update_expert_bias(counts)
-        dropped = sum(int(s.dropped.sum()) for s in out.stats)
-        routed = dropped + sum(int(c.sum()) for c in counts)
-        return StepResult(step=step, loss=out.loss.item(), lm_loss=out.lm_loss.item(),
-                          aux_loss=out.aux_loss.item(), drop_fraction=dropped / routed if routed else 0.0,
-                          tokens_per_expert=counts, grad_norm=float(norm), lr=lr,
-                          seconds=time.perf_counter() - t0)
+        dropped = int(kept_dropped[:, 1].sum())
+        routed = dropped + int(kept_dropped[:, 0].sum())
+        return StepResult(step=step, loss=lm + aux, lm_loss=lm, aux_loss=aux,
+                          drop_fraction=dropped / routed if routed else 0.0,
+                          tokens_per_expert=counts, grad_norm=norm, lr=lr,
+                          seconds=time.perf_counter() - t0,
+                          a2a_rows_out=sum(s.a2a_rows_out for s in out.stats))
 
     def fit(self, steps: Optional[int] = None, progress: bool = True,
             on_step: Optional[Callable[[StepResult], None]] = None) -> History:
         steps = steps or self.cfg.train.steps
         t = self.cfg.train
-        tokens_per_step = t.batch_size * t.seq_len
+        tokens_per_step = t.batch_size * t.seq_len * self.topo.dp.size     # the global batch
+        progress = progress and self.is_logger
         out_dir = Path(t.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        log = open(out_dir / "metrics.jsonl", "w")
+        log = open(out_dir / "metrics.jsonl", "w") if self.is_logger else None
         tty = progress and sys.stderr.isatty()
         bar = tqdm(total=steps, disable=not tty, dynamic_ncols=True, desc="train")
         t_start = time.perf_counter()
@@ -108,9 +135,11 @@ class Trainer:
                 r = self.train_step(step)
                 self.history.steps.append(r)
                 tps = tokens_per_step / r.seconds
-                log.write(json.dumps({"step": step, "loss": r.loss, "lm_loss": r.lm_loss, "aux_loss": r.aux_loss,
+                if log:
+                    log.write(json.dumps({"step": step, "loss": r.loss, "lm_loss": r.lm_loss, "aux_loss": r.aux_loss,
                                       "drop_fraction": r.drop_fraction, "grad_norm": r.grad_norm, "lr": r.lr,
-                                      "tokens_per_s": tps, "step_s": r.seconds}) + "\n")
+                                          "tokens_per_s": tps, "step_s": r.seconds,
+                                          "a2a_rows_out": r.a2a_rows_out}) + "\n")
                 bar.update(1)
                 bar.set_postfix(loss=f"{r.lm_loss:.3f}", aux=f"{r.aux_loss:.4f}", tok_s=f"{tps:,.0f}",
                                 drop=f"{r.drop_fraction:.1%}")
@@ -121,7 +150,8 @@ class Trainer:
                     on_step(r)
         finally:
             bar.close()
-            log.close()
+            if log:
+                log.close()
         self.wall_seconds = time.perf_counter() - t_start
         return self.history
 
@@ -129,9 +159,9 @@ class Trainer:
     def evaluate(self, batches: int = 8) -> float:
         """Mean LM loss on the validation split (fixed windows, so runs compare)."""
         val = Batcher(TokenDataset(self.cfg.data.path, self.cfg.train.seq_len, "val", self.cfg.data.val_fraction),
-                      self.cfg.train.batch_size, seed=0)
+                      self.cfg.train.batch_size, seed=0, rank=self.topo.dp.rank, world=self.topo.dp.size)
         self.model.eval()
-        losses = [self.model(*val.get_batch(i)).lm_loss.item() for i in range(batches)]
+        losses = [self._global_losses(self.model(*val.get_batch(i)))[0] for i in range(batches)]
         self.model.train()
         return sum(losses) / len(losses)
 

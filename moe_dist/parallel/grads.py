@@ -1,0 +1,74 @@
+"""Gradient reduction and the global gradient norm for one layout; each gradient is reduced exactly once.
+
+After backward on every rank:
+- tp-partial parameters (router, shared experts: replicated over tp but fed by one token slice each)
+  are summed over tp;
+- dense parameters are averaged over dp (each dp rank's loss is the mean over its own tokens);
+- expert parameters are summed over edp and divided by dp: the copies of an expert on the edp ranks
+  together saw every token of the global batch exactly once, each weighted by 1/(its dp rank's tokens).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from moe_dist.parallel.comm import all_reduce_
+from moe_dist.parallel.topology import Group, Topology
+
+
+def _reduce(params: list[torch.nn.Parameter], group: Group, scale: float) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if group.handle is not None:
+        # One flat buffer per call: a single collective instead of one per tensor.
+        flat = all_reduce_(_flatten_dense_tensors(grads), group)
+        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(reduced)
+    if scale != 1.0:
+        for g in grads:
+            g.mul_(scale)
+
+
+def reduce_gradients(model, topo: Topology) -> None:
+    """`model` provides dense_parameters(), expert_parameters() and tp_partial_parameters()."""
+    _reduce(model.tp_partial_parameters(), topo.tp, 1.0)
+    _reduce(model.dense_parameters(), topo.dp, 1.0 / topo.dp.size)
+    _reduce(model.expert_parameters(), topo.edp, 1.0 / topo.dims.dp)
+
+
+def global_grad_norm(model, topo: Topology) -> float:
+    """The L2 norm of the whole model's gradient, each element counted once: tp-sharded dense
+    parameters summed over tp, expert shards over ep×etp, replicated parameters taken once."""
+    shards = model.param_shards
+    expert = {id(p) for p in model.expert_parameters()}
+    replicated = tp_sharded = experts = 0.0
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().float().pow(2).sum()
+        if id(p) in expert:
+            experts = experts + sq
+        elif any(s.axis == "tp" for s in shards.get(name, ())):
+            tp_sharded = tp_sharded + sq
+        else:
+            replicated = replicated + sq
+    parts = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in (replicated, tp_sharded, experts)])
+    tp_part = all_reduce_(parts[1:2].clone(), topo.tp)
+    ex_part = all_reduce_(parts[2:3].clone(), topo.expert_mp)
+    return math.sqrt(float(parts[0] + tp_part[0] + ex_part[0]))   # host sync: the clip factor needs it
+
+
+def clip_gradients(model, topo: Topology, max_norm: float) -> float:
+    """Scale every gradient by min(1, max_norm / (norm + 1e-6)), torch.nn.utils.clip_grad_norm_'s rule;
+    returns the norm before clipping."""
+    norm = global_grad_norm(model, topo)
+    if max_norm > 0:
+        coef = min(max_norm / (norm + 1e-6), 1.0)
+        if coef < 1.0:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return norm
