@@ -31,8 +31,12 @@ $(STAMP): setup.py | $(VENV)/bin/python
 $(DATA): | $(STAMP)
 	$(VENV)/bin/moe-dist prepare-data --out $@
 
+# Expert-parallel training on CPU ranks: 4 gloo processes, experts split over ep=2, data over dp=4
+# (edp=2 copies of each expert). Progress and the per-expert load across ranks print on rank 0.
+NPROC ?= 4
+DEMO_ARGS ?= --parallel.ep=2 --train.steps=300
 demo: venv $(DATA)
-	$(VENV)/bin/moe-dist train configs/tiny-cpu.yaml
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m moe_dist.cli train configs/tiny-cpu.yaml $(DEMO_ARGS)
 
 # pytest's own exit code is kept in .cache/pytest-exit-code because make reports every failure
 # as 2; 5 means no tests were collected, which counts as a failure.

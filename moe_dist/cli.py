@@ -11,30 +11,65 @@ def _load_config(path: str, overrides: list[str]):
     return config.load(path, overrides)
 
 
+def _start_ranks(cfg):
+    """Validate the layout against the launcher's world size, then start the process groups: every
+    error about sizes comes before any process group exists."""
+    import os
+
+    import torch
+
+    from moe_dist import config
+    from moe_dist.parallel import bootstrap
+    from moe_dist.parallel.topology import ParallelDims, Topology
+    p = cfg.parallel
+    try:
+        launch = bootstrap.detect_launch(os.environ)
+        config.validate_world(cfg, launch.world_size)
+        dims = ParallelDims.create(launch.world_size, p.tp, p.ep, p.etp, cfg.moe.num_experts)
+    except ValueError as e:
+        raise config.ConfigError(str(e)) from None
+    if launch.world_size > 1:
+        # Ranks on one node share its cores; torch's default (all cores per rank) thrashes.
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+    bootstrap.init_distributed(p.timeout_s, expected_world=p.world_size)
+    return Topology.build(dims, p.timeout_s)
+
+
 def cmd_train(args) -> int:
+    from moe_dist.parallel import bootstrap
     from moe_dist.train.trainer import Trainer, format_expert_load
     cfg = _load_config(args.config, args.overrides)
-    trainer = Trainer(cfg)
-    n = sum(p.numel() for p in trainer.model.parameters())
-    moe_ids = [i for i, b in enumerate(trainer.model.blocks) if b.is_moe]
-    header = f"moe-dist train: {args.config} | {n / 1e6:.2f}M parameters"
-    if moe_ids:
-        header += (f" | {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, MoE layers {moe_ids} | "
-                   f"experts backend {trainer.model.moe_layers[0].experts.backend}")
-    else:
-        header += " (no MoE layer)"
-    print(header, flush=True)
-    history = trainer.fit(progress=not args.quiet)
-    steps = history.steps
-    first = sum(s.lm_loss for s in steps[:10]) / min(10, len(steps))
-    last = sum(s.lm_loss for s in steps[-10:]) / min(10, len(steps))
-    tokens = len(steps) * cfg.train.batch_size * cfg.train.seq_len
-    print(f"\ndone: {len(steps)} steps in {trainer.wall_seconds:.1f}s, {tokens / trainer.wall_seconds:,.0f} tokens/s; "
-          f"LM loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps); val loss {trainer.evaluate():.3f}")
-    if moe_ids:
-        print("\nper-expert load over the run (share of assignments):")
-        print(format_expert_load(history.expert_load(), moe_ids))
-    print(f"\nmetrics: {cfg.train.out_dir}/metrics.jsonl")
+    topo = _start_ranks(cfg)
+    try:
+        trainer = Trainer(cfg, topo=topo)
+        say = print if topo.rank == 0 else (lambda *a, **k: None)
+        n = sum(p.numel() for p in trainer.model.parameters())
+        moe_ids = [i for i, b in enumerate(trainer.model.blocks) if b.is_moe]
+        header = f"moe-dist train: {args.config} | {n / 1e6:.2f}M parameters"
+        if topo.is_distributed:
+            header += f" on rank 0 of {topo.dims.describe()}"
+        if moe_ids:
+            header += (f" | {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, MoE layers {moe_ids} | "
+                       f"experts backend {trainer.model.moe_layers[0].experts.backend}")
+        else:
+            header += " (no MoE layer)"
+        say(header, flush=True)
+        history = trainer.fit(progress=not args.quiet)
+        val = trainer.evaluate()       # every rank joins: the model's collectives need the whole group
+        steps = history.steps
+        first = sum(s.lm_loss for s in steps[:10]) / min(10, len(steps))
+        last = sum(s.lm_loss for s in steps[-10:]) / min(10, len(steps))
+        tokens = len(steps) * cfg.train.batch_size * cfg.train.seq_len * topo.dp.size
+        say(f"\ndone: {len(steps)} steps in {trainer.wall_seconds:.1f}s, {tokens / trainer.wall_seconds:,.0f} "
+            f"tokens/s; LM loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps); val loss {val:.3f}")
+        if moe_ids:
+            where = f" (all {topo.dims.world} ranks)" if topo.is_distributed else ""
+            say(f"\nper-expert load over the run{where} (share of assignments):")
+            say(format_expert_load(history.expert_load(), moe_ids))
+        say(f"\nmetrics: {cfg.train.out_dir}/metrics.jsonl")
+    finally:
+        bootstrap.shutdown()
     return 0
 
 
@@ -110,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    rest = [r for r in rest if not r.startswith("--local_rank")]
     if rest and args.command not in ("train", "params", "plan"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     bad = [r for r in rest if not r.startswith("--") or "=" not in r]

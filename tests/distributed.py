@@ -37,8 +37,10 @@ def _entry(rank, world, port, out_dir, timeout_s, fn, args):
         raise
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 180.0, collective_timeout_s: float = 60.0) -> list:
-    """fn(rank, world, *args) on `world` ranks; returns the per-rank results (picklable by torch.save)."""
+def run_ranks(fn, world: int, *args, timeout: float = 180.0, collective_timeout_s: float = 60.0,
+              may_die: tuple[int, ...] = ()) -> list:
+    """fn(rank, world, *args) on `world` ranks; returns the per-rank results (picklable by torch.save).
+    Ranks in `may_die` may exit without a result (None)."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
@@ -56,6 +58,9 @@ def run_ranks(fn, world: int, *args, timeout: float = 180.0, collective_timeout_
         results, errors = [], []
         for r in range(world):
             f = Path(out_dir) / f"rank{r}.pt"
+            if not f.exists() and r in may_die:
+                results.append(None)
+                continue
             data = torch.load(f, weights_only=False) if f.exists() else {"error": f"rank {r} wrote nothing"}
             if "error" in data:
                 errors.append((r, data["error"]))
