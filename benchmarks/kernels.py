@@ -76,8 +76,9 @@ def routed(T: int, H: int, E: int, K: int, dtype: torch.dtype, device: str, seed
 def gemm_row(T, H, F, E, K, dtype, device, names, repeats) -> dict:
     pmap, x_TH = routed(T, H, E, K, dtype, device)
     x_NH = ref.permute(x_TH, pmap).requires_grad_()
-    w_EHM = (torch.randn(E, H, 2 * F, device=device, dtype=dtype) * H ** -0.5).requires_grad_()
-    dy_NM = torch.randn(x_NH.shape[0], 2 * F, device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    w_EHM = (torch.randn(E, H, 2 * F, generator=g) * H ** -0.5).to(device, dtype).requires_grad_()
+    dy_NM = torch.randn(x_NH.shape[0], 2 * F, generator=g).to(device, dtype)
     offs = pmap.offsets_E
 
     def fwd(gemm):
@@ -104,7 +105,7 @@ def gemm_row(T, H, F, E, K, dtype, device, names, repeats) -> dict:
 def rows_row(T, H, E, K, dtype, device, impl, repeats) -> dict:
     """permute / unpermute GB/s (bytes read + written) against a copy of the permuted tensor."""
     pmap, x_TH = routed(T, H, E, K, dtype, device)
-    w_TK = torch.rand(T, K, device=device)
+    w_TK = torch.rand(T, K, generator=torch.Generator().manual_seed(1)).to(device)
     y_NH = ref.permute(x_TH, pmap)
     size = y_NH.element_size()
     N = y_NH.shape[0]
@@ -120,8 +121,9 @@ def interpreter_errors(T: int, H: int, E: int, K: int) -> dict:
     """Max |triton − reference| of permute → grouped GEMM → unpermute, output and every gradient, at a
     tiny fp32 shape in the interpreter."""
     pmap, x_TH = routed(T, H, E, K, torch.float32, "cpu", seed=1)
-    w_EHM = torch.randn(E, H, H) * H ** -0.5
-    r_TK = torch.rand(T, K)
+    g = torch.Generator().manual_seed(2)
+    w_EHM = torch.randn(E, H, H, generator=g) * H ** -0.5
+    r_TK = torch.rand(T, K, generator=g)
     out = {}
     for name, (perm, unperm, gemm) in {"triton": (ops.permute, ops.unpermute, ops.grouped_gemm),
                                        "reference": (ref.permute, ref.unpermute, ref.grouped_gemm)}.items():
