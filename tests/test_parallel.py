@@ -39,6 +39,8 @@ def tiny_config(tp=1, ep=1, etp=1, **moe) -> dict:
 
 
 CASES = {f"{lay}-{mode}": tiny_config(*LAYOUTS[lay], **MODES[mode]) for lay in LAYOUTS for mode in MODES}
+# The Triton kernels (permute, grouped GEMM, unpermute) in the interpreter, through all-to-all and ETP.
+CASES["etp2_ep2-triton"] = tiny_config(1, 2, 2, backend="triton")
 CASES["ep4-deepseek"] = tiny_config(1, 4, 1, score_func="sigmoid", expert_bias=True, num_groups=4,
                                     topk_groups=2, aux_loss_type="seq")
 

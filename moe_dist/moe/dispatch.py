@@ -37,23 +37,34 @@ class Dispatcher(Protocol):
     def combine(self, y_ND: torch.Tensor, meta: DispatchMeta) -> torch.Tensor: ...
 
 
+def row_ops(backend: str):
+    """(permute, unpermute): the Triton kernels when the experts run on Triton, else the torch references.
+    Imported lazily: the kernel module reads TRITON_INTERPRET when it is first imported."""
+    if backend == "triton":
+        from moe_dist.kernels import ops
+        return ops.permute, ops.unpermute
+    return permute, unpermute
+
+
 class LocalDispatcher:
     """All experts live in this process. `pad_to_capacity` pads each expert's rows to the capacity
     (static shapes); `pad_multiple` aligns each group for block GEMMs."""
 
-    def __init__(self, num_experts: int, pad_to_capacity: bool = False, pad_multiple: int = 1):
+    def __init__(self, num_experts: int, pad_to_capacity: bool = False, pad_multiple: int = 1,
+                 backend: str = "auto"):
         self.num_local_experts = num_experts
         self.pad_to_capacity = pad_to_capacity
         self.pad_multiple = pad_multiple
+        self._permute, self._unpermute = row_ops(backend)
 
     def dispatch(self, x_TD, indices_TK, weights_TK, keep_TK, capacity):
         pmap = make_permute_map(indices_TK, self.num_local_experts, keep_TK,
                                 pad_multiple=self.pad_multiple,
                                 capacity=capacity if self.pad_to_capacity else None)
-        return permute(x_TD, pmap), pmap.offsets_E, DispatchMeta(pmap, weights_TK)
+        return self._permute(x_TD, pmap), pmap.offsets_E, DispatchMeta(pmap, weights_TK)
 
     def combine(self, y_ND, meta):
-        return unpermute(y_ND, meta.pmap, meta.weights_TK)
+        return self._unpermute(y_ND, meta.pmap, meta.weights_TK)
 
 
 @dataclass(frozen=True)
@@ -86,16 +97,17 @@ class AllToAllDispatcher:
     rows that leave the rank: no padding ever goes on the wire.
     """
 
-    def __init__(self, num_experts: int, ep: Group, etp: Group):
+    def __init__(self, num_experts: int, ep: Group, etp: Group, backend: str = "auto"):
         if num_experts % ep.size:
             raise ValueError(f"moe.num_experts={num_experts} is not divisible by parallel.ep={ep.size}")
         self.num_experts, self.ep, self.etp = num_experts, ep, etp
         self.num_local_experts = num_experts // ep.size
+        self._permute, self._unpermute = row_ops(backend)
 
     def dispatch(self, x_TD, indices_TK, weights_TK, keep_TK, capacity):
         P, L, Q = self.ep.size, self.num_local_experts, self.etp.size
         pmap = make_permute_map(indices_TK, self.num_experts, keep_TK)
-        x_ND = permute(x_TD, pmap)
+        x_ND = self._permute(x_TD, pmap)
         send_PL = pmap.counts_E.view(P, L)
         recv_PL = _exchange_counts(send_PL, self.ep)
         recv_QPL = _gather_counts(recv_PL, self.etp)
@@ -133,7 +145,7 @@ class AllToAllDispatcher:
             mine = meta.etp_splits[self.etp.rank]
             y_RD = all_to_all(y_RD, meta.etp_splits, [mine] * Q, self.etp).view(Q, mine, y_RD.shape[1]).sum(0)
         y_ND = all_to_all(y_RD, meta.recv_splits, meta.send_splits, self.ep)
-        return keep_connected(unpermute(y_ND, meta.local.pmap, meta.local.weights_TK), y_ND)
+        return keep_connected(self._unpermute(y_ND, meta.local.pmap, meta.local.weights_TK), y_ND)
 
 
 def keep_connected(out: torch.Tensor, empty_src: torch.Tensor) -> torch.Tensor:

@@ -105,16 +105,3 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
                 f"activation={self.activation}, backend={self.backend}")
-
-
-class DenseMLP(nn.Module):
-    """A dense MLP with the experts' activation: the shared experts (DeepSeek) and non-MoE layers."""
-
-    def __init__(self, dim: int, hidden: int, activation: str = "swiglu"):
-        super().__init__()
-        self.activation = activation
-        self.w_in = nn.Linear(dim, 2 * hidden if activation == "swiglu" else hidden, bias=False)
-        self.w_out = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_out(activate(self.w_in(x), self.activation))

@@ -13,7 +13,7 @@ from moe_dist.config import MoEConfig
 from moe_dist.moe import losses
 from moe_dist.moe.capacity import apply_capacity, expert_capacity
 from moe_dist.moe.dispatch import AllToAllDispatcher, AllToAllMeta, Dispatcher, LocalDispatcher, keep_connected
-from moe_dist.moe.experts import GroupedExperts
+from moe_dist.moe.experts import GroupedExperts, resolve_backend
 from moe_dist.moe.router import Router
 from moe_dist.parallel.comm import all_reduce_, gather_rows, split_rows
 from moe_dist.parallel.tensor_parallel import ParallelMLP, Shard
@@ -51,16 +51,18 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
         self.router = Router(cfg, dim)
-        if dispatcher is None:
-            if topo.ep.size * topo.etp.size > 1:
-                dispatcher = AllToAllDispatcher(cfg.num_experts, topo.ep, topo.etp)
-            else:
-                dispatcher = LocalDispatcher(cfg.num_experts, pad_to_capacity=cfg.pad_to_capacity)
-        self.dispatcher = dispatcher
         if cfg.expert_hidden % topo.etp.size:
             raise ValueError(f"moe.expert_hidden={cfg.expert_hidden} is not divisible by parallel.etp={topo.etp.size}")
-        self.experts = GroupedExperts(self.dispatcher.num_local_experts, dim, cfg.expert_hidden // topo.etp.size,
-                                      cfg.activation, cfg.backend)
+        hidden = cfg.expert_hidden // topo.etp.size
+        # The experts' backend also picks the permute/unpermute implementation (Triton or torch).
+        backend = resolve_backend(cfg.backend, dim, hidden)
+        if dispatcher is None:
+            if topo.ep.size * topo.etp.size > 1:
+                dispatcher = AllToAllDispatcher(cfg.num_experts, topo.ep, topo.etp, backend)
+            else:
+                dispatcher = LocalDispatcher(cfg.num_experts, pad_to_capacity=cfg.pad_to_capacity, backend=backend)
+        self.dispatcher = dispatcher
+        self.experts = GroupedExperts(self.dispatcher.num_local_experts, dim, hidden, cfg.activation, backend)
         shared_hidden = cfg.shared_expert_hidden or cfg.num_shared_experts * cfg.expert_hidden
         # Shared experts run on this rank's token slice, unsplit (a group of one).
         self.shared = (ParallelMLP(dim, shared_hidden, cfg.activation, Topology.single().tp)

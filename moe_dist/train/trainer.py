@@ -51,6 +51,7 @@ class StepResult:
     lr: float
     seconds: float
     a2a_rows_out: int = 0                    # rows this rank sent to other EP ranks (all MoE layers, forward)
+    a2a_rows_leaving: int = 0                # its kept assignments whose expert lives on another EP rank
 
 
 @dataclass
@@ -116,7 +117,14 @@ class Trainer:
                           drop_fraction=dropped / routed if routed else 0.0,
                           tokens_per_expert=counts, grad_norm=norm, lr=lr,
                           seconds=time.perf_counter() - t0,
-                          a2a_rows_out=sum(s.a2a_rows_out for s in out.stats))
+                          a2a_rows_out=sum(s.a2a_rows_out for s in out.stats),
+                          a2a_rows_leaving=self._rows_leaving(out))
+
+    def _rows_leaving(self, out: ModelOutput) -> int:
+        """Counted from the routing alone, to check that dispatch sends exactly these rows (no padding)."""
+        ep, E = self.topo.ep, self.cfg.moe.num_experts
+        local = slice(ep.rank * E // ep.size, (ep.rank + 1) * E // ep.size)
+        return sum(int(s.tokens_per_expert.sum() - s.tokens_per_expert[local].sum()) for s in out.stats)
 
     def fit(self, steps: Optional[int] = None, progress: bool = True,
             on_step: Optional[Callable[[StepResult], None]] = None) -> History:
@@ -139,7 +147,8 @@ class Trainer:
                     log.write(json.dumps({"step": step, "loss": r.loss, "lm_loss": r.lm_loss, "aux_loss": r.aux_loss,
                                       "drop_fraction": r.drop_fraction, "grad_norm": r.grad_norm, "lr": r.lr,
                                           "tokens_per_s": tps, "step_s": r.seconds,
-                                          "a2a_rows_out": r.a2a_rows_out}) + "\n")
+                                          "a2a_rows_out": r.a2a_rows_out,
+                                          "a2a_rows_leaving": r.a2a_rows_leaving}) + "\n")
                 bar.update(1)
                 bar.set_postfix(loss=f"{r.lm_loss:.3f}", aux=f"{r.aux_loss:.4f}", tok_s=f"{tps:,.0f}",
                                 drop=f"{r.drop_fraction:.1%}")
