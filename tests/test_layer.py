@@ -87,17 +87,35 @@ BACKEND_CASES = {
 }
 
 
-@pytest.mark.skipif(not grouped_mm_supported(D, FH, torch.float32), reason="torch._grouped_mm unavailable")
-@pytest.mark.parametrize("case", list(BACKEND_CASES))
-def test_grouped_mm_matches_loop(case: str) -> None:
+def _triton_missing():
+    from moe_dist.kernels._configs import unavailable_reason
+    return unavailable_reason()
+
+
+# The triton backend runs in the interpreter on the CPU: a spread of the cases keeps the suite fast (drops by
+# both policies, empty experts, one token, all tokens to one expert, one expert, shared experts with both
+# losses, GELU with sigmoid scores).
+TRITON_CASES = ["cap1.0_position", "more_experts_than_tokens", "one_token", "one_expert_takes_all_cap",
+                "single_expert", "shared_zloss_aux", "gelu_sigmoid_bias"]
+BACKEND_PARAMS = (
+    [pytest.param(c, "grouped_mm", marks=pytest.mark.skipif(not grouped_mm_supported(D, FH, torch.float32),
+                                                            reason="torch._grouped_mm unavailable"))
+     for c in BACKEND_CASES]
+    + [pytest.param(c, "triton", marks=pytest.mark.skipif(_triton_missing() is not None,
+                                                          reason=str(_triton_missing())))
+       for c in TRITON_CASES])
+
+
+@pytest.mark.parametrize("case,backend", BACKEND_PARAMS)
+def test_backend_matches_loop(case: str, backend: str) -> None:
     kw, shape, positive, dominant = BACKEND_CASES[case]
     ref = make_layer(seed=1, backend="loop", **kw)
     if dominant is not None:
         _dominant_router(ref, dominant)
     if ref.router.expert_bias_E is not None:
         ref.router.expert_bias_E.copy_(torch.linspace(-0.3, 0.3, ref.cfg.num_experts))
-    gmm = clone_layer(ref, backend="grouped_mm")
-    assert ref.experts.backend == "loop" and gmm.experts.backend == "grouped_mm"
+    gmm = clone_layer(ref, backend=backend)
+    assert ref.experts.backend == "loop" and gmm.experts.backend == backend
     torch.manual_seed(2)
     x = torch.randn(shape)
     if positive:
