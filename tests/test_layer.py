@@ -542,3 +542,18 @@ def test_layer_stats_and_losses() -> None:
     p = r.probs_TE
     torch.testing.assert_close(stats.entropy, -(p * p.log()).sum(-1).mean())
     assert stats.aux_loss.requires_grad and stats.z_loss.requires_grad and not stats.entropy.requires_grad
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_capacity_groups_apply_capacity_to_each_group_alone(policy: str) -> None:
+    # GShard groups: one call with capacity_groups=2 equals two calls, one per half of the tokens.
+    grouped = make_layer(seed=4, num_experts=4, top_k=2, capacity_factor=0.75, min_capacity=1,
+                         drop_policy=policy, capacity_groups=2)
+    single = clone_layer(grouped, capacity_groups=1)
+    x = torch.randn(4, 6, D)
+    y, stats = grouped(x)
+    halves = [single(h) for h in x.chunk(2)]
+    torch.testing.assert_close(y, torch.cat([h[0] for h in halves]), rtol=1e-6, atol=1e-6)
+    assert torch.equal(stats.dropped, halves[0][1].dropped + halves[1][1].dropped)
+    assert int(stats.dropped.sum()) > 0
+    assert stats.capacity == halves[0][1].capacity
