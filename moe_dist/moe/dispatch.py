@@ -111,8 +111,9 @@ class AllToAllDispatcher:
         send_PL = pmap.counts_E.view(P, L)
         recv_PL = _exchange_counts(send_PL, self.ep)
         recv_QPL = _gather_counts(recv_PL, self.etp)
-        # The one host sync of the layer: the all-to-all needs its split sizes on the host. Both the
-        # send and the receive counts come over in a single transfer.
+        # Host sync: the all-to-all needs its split sizes on the host. Both the send and the receive
+        # counts come over in one transfer; with make_permute_map's row count (dropless sizes are data
+        # dependent) these are the layer's two waits.
         host = torch.cat([send_PL.reshape(-1), recv_QPL.reshape(-1)]).tolist()
         send_P = [sum(host[p * L:(p + 1) * L]) for p in range(P)]
         recv_q = host[P * L:]

@@ -141,5 +141,4 @@ class MoELayer(nn.Module):
         counts_tokens = torch.cat([counts_E, counts_E.new_tensor([probs_TE.shape[0]])])
         all_reduce_(counts_tokens, self.stats_group)
         return self.stats_shards * losses.load_balancing_loss(probs_TE, counts_tokens[:-1], cfg.top_k,
-                                                              cfg.aux_loss_coef,
-                                                              num_tokens=int(counts_tokens[-1]))  # host sync: a scalar
+                                                              cfg.aux_loss_coef, num_tokens=counts_tokens[-1])

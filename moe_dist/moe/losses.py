@@ -10,15 +10,18 @@ import torch
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, top_k: int,
-                        coef: float, num_tokens: int | None = None) -> torch.Tensor:
+                        coef: float, num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
     """α·E·Σ_i f_i·P_i with f_i = counts_i / (T·K) (share of assignments) and P_i = mean_t probs[t, i].
 
     ``counts_E`` and ``num_tokens`` may describe a larger batch than ``probs_TE`` (global-batch balance:
-    counts summed over data-parallel ranks); then P_i is this rank's share of the global mean.
+    counts summed over data-parallel ranks); then P_i is this rank's share of the global mean. A tensor
+    ``num_tokens`` stays on the device (no host sync); an empty batch then gives 0 through the clamp.
     """
     T, E = probs_TE.shape
     total = T if num_tokens is None else num_tokens
-    if total == 0:
+    if isinstance(total, torch.Tensor):
+        total = total.to(probs_TE.dtype).clamp_min(1)
+    elif total == 0:
         return probs_TE.sum() * 0.0
     f_E = counts_E.to(probs_TE.dtype) / (total * top_k)
     P_E = probs_TE.sum(0) / total
