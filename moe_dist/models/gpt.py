@@ -123,7 +123,7 @@ class MoEGPT(nn.Module):
         for mod_name, mod in self.named_modules():
             if mod is self:
                 continue
-            for pname, shards in getattr(mod, "param_shards", getattr(mod, "shards", {})).items():
+            for pname, shards in getattr(mod, "param_shards", {}).items():
                 out[f"{mod_name}.{pname}" if mod_name else pname] = shards
         return out
 

@@ -55,7 +55,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError(f"{out_features} output features do not split over tp={tp.size} ({chunks} blocks)")
         self.tp = tp
         self.weight = nn.Parameter(torch.empty(out_features // tp.size, in_features))
-        self.shards = {"weight": (Shard(0, "tp", chunks),)} if tp.size > 1 else {}
+        self.param_shards = {"weight": (Shard(0, "tp", chunks),)} if tp.size > 1 else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_group(x, self.tp), self.weight)
@@ -70,7 +70,7 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"{in_features} input features do not split over tp={tp.size}")
         self.tp = tp
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp.size))
-        self.shards = {"weight": (Shard(1, "tp"),)} if tp.size > 1 else {}
+        self.param_shards = {"weight": (Shard(1, "tp"),)} if tp.size > 1 else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return reduce_from_group(F.linear(x, self.weight), self.tp)

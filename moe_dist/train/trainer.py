@@ -108,6 +108,7 @@ class Trainer:
         E = self.cfg.moe.num_experts
         kept_dropped = torch.stack([torch.stack([s.tokens_per_expert, s.dropped]) for s in out.stats]) \
             if out.stats else torch.zeros(0, 2, E, dtype=torch.long)
+        leaving = self._rows_leaving(kept_dropped[:, 0])
         all_reduce_(kept_dropped, self.topo.world)
         counts = list(kept_dropped[:, 0])
         self.model.update_expert_bias(counts)
@@ -118,13 +119,14 @@ class Trainer:
                           tokens_per_expert=counts, grad_norm=norm, lr=lr,
                           seconds=time.perf_counter() - t0,
                           a2a_rows_out=sum(s.a2a_rows_out for s in out.stats),
-                          a2a_rows_leaving=self._rows_leaving(out))
+                          a2a_rows_leaving=leaving)
 
-    def _rows_leaving(self, out: ModelOutput) -> int:
-        """Counted from the routing alone, to check that dispatch sends exactly these rows (no padding)."""
+    def _rows_leaving(self, kept_LE: torch.Tensor) -> int:
+        """This rank's kept assignments to experts on other EP ranks, counted from the routing alone, to check
+        that dispatch sends exactly these rows (no padding)."""
         ep, E = self.topo.ep, self.cfg.moe.num_experts
         local = slice(ep.rank * E // ep.size, (ep.rank + 1) * E // ep.size)
-        return sum(int(s.tokens_per_expert.sum() - s.tokens_per_expert[local].sum()) for s in out.stats)
+        return int(kept_LE.sum() - kept_LE[:, local].sum())     # host sync: one scalar for the log
 
     def fit(self, steps: Optional[int] = None, progress: bool = True,
             on_step: Optional[Callable[[StepResult], None]] = None) -> History:
