@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--world", type=int, default=None, help="number of ranks (default: parallel.world_size)")
     pl.add_argument("--json", action="store_true", help="the same report as JSON")
     pl.set_defaults(func=cmd_plan)
+
+    from moe_dist.bench.commands import register
+    register(sub)
     return p
 
 
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     rest = [r for r in rest if not r.startswith("--local_rank")]
-    if rest and args.command not in ("train", "params", "plan"):
+    if rest and args.command not in ("train", "params", "plan", "tune-capacity"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     bad = [r for r in rest if not r.startswith("--") or "=" not in r]
     if bad:

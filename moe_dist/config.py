@@ -91,6 +91,24 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     log_every: int = 10
     out_dir: str = "runs/default"
+    grad_accum_steps: int = 1           # micro-batches per optimizer step (global batch = this × batch_size × dp)
+    activation_checkpointing: bool = False   # recompute each block's activations in backward
+    eval_every: int = 0                 # validation loss every N steps (0: only at the end)
+    eval_batches: int = 8
+    on_nonfinite: Literal["raise", "skip"] = "raise"   # a NaN/Inf loss stops the run, or the step is skipped
+    engine: Literal["native", "deepspeed"] = "native"  # deepspeed: deepspeed.initialize with ZeRO
+    zero_stage: int = 1                 # ZeRO stage for engine=deepspeed (0, 1 or 2)
+    deepspeed_config: Optional[str] = None   # a DeepSpeed JSON whose keys override the generated ones
+    tensorboard: bool = True            # TensorBoard scalars under out_dir/tb when tensorboard is installed
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: Optional[str] = None           # default: <train.out_dir>/checkpoints
+    every: int = 0                      # save every N optimizer steps (0: only at the end and on SIGTERM)
+    keep: int = 3                       # complete checkpoints kept; older ones are deleted after a save
+    resume: Literal["auto", "never", "must"] = "auto"   # auto: resume from `latest` when it exists
+    fallback: bool = False              # a corrupt latest checkpoint: load the previous complete one instead
 
 
 @dataclass(kw_only=True)
@@ -106,6 +124,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -322,8 +341,27 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 0")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}")
+    for name in ("grad_accum_steps", "eval_batches"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every={t.eval_every}: must be >= 0 (0 evaluates only at the end)")
+    if t.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"train.zero_stage={t.zero_stage}: must be 0, 1 or 2 (stage 3 does not shard MoE experts "
+                          "in DeepSpeed)")
+    if t.deepspeed_config is not None and t.engine != "deepspeed":
+        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config!r} is set but train.engine={t.engine!r}; "
+                          "set train.engine=deepspeed or drop deepspeed_config")
+    if t.engine == "deepspeed" and (p.tp > 1 or p.etp > 1):
+        raise ConfigError(f"train.engine=deepspeed supports expert and data parallelism only (parallel.tp={p.tp}, "
+                          f"parallel.etp={p.etp}); use train.engine=native for tensor parallelism")
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
+    c = cfg.checkpoint
+    if c.every < 0:
+        raise ConfigError(f"checkpoint.every={c.every}: must be >= 0 (0 saves only at the end and on SIGTERM)")
+    if c.keep < 1:
+        raise ConfigError(f"checkpoint.keep={c.keep}: must be >= 1")
 
 
 def validate_world(cfg: Config, world: int) -> None:

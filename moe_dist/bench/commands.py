@@ -1,0 +1,39 @@
+"""Registers the benchmark and tuning subcommands on the `moe-dist` parser.
+
+Each module is imported to add its arguments, so it keeps heavy imports (matplotlib, DeepSpeed) inside its
+functions: `moe-dist train` never pays for them."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# (command path, module, help)
+_COMMANDS = [
+    (("bench", "layer"), "moe_dist.bench.layer",
+     "MoE layer forward+backward against DeepSpeed-MoE, our backends and the dense-equivalent ideal"),
+    (("bench", "scaling"), "moe_dist.bench.scaling",
+     "weak and strong scaling on gloo ranks, extrapolated with an alpha-beta communication model"),
+    (("tune-capacity",), "moe_dist.bench.tune_capacity",
+     "sweep the capacity factor: dropped tokens, throughput, memory and loss against dropless"),
+]
+
+
+def _run(module: str):
+    def run(args) -> int:
+        return importlib.import_module(module).run(args)
+    return run
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that write JSON and PNG under benchmarks/results/")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for path, module, help_ in _COMMANDS:
+        parent = bench_sub if path[0] == "bench" else sub
+        p = parent.add_parser(path[-1], help=help_)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue                  # a command whose module is not written yet is simply absent
+        p.set_defaults(func=_run(module))
