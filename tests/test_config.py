@@ -50,7 +50,7 @@ def test_unknown_section_suggests_close_name() -> None:
 
 
 def test_unknown_section_without_close_name_lists_known() -> None:
-    with pytest.raises(ValueError, match=r"unknown config section 'zzzzzz'; known: data, model, moe, parallel, train"):
+    with pytest.raises(ValueError, match=r"unknown config section 'zzzzzz'; known: checkpoint, data, model, moe, parallel, train"):
         from_dict({"zzzzzz": {}})
 
 

@@ -28,12 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks that write JSON and PNG under benchmarks/results/")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     for path, module, help_ in _COMMANDS:
-        parent = bench_sub if path[0] == "bench" else sub
-        p = parent.add_parser(path[-1], help=help_)
         try:
-            importlib.import_module(module).add_arguments(p)
+            mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
             if e.name != module:
                 raise
             continue                  # a command whose module is not written yet is simply absent
+        parent = bench_sub if path[0] == "bench" else sub
+        p = parent.add_parser(path[-1], help=help_)
+        mod.add_arguments(p)
         p.set_defaults(func=_run(module))
