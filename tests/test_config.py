@@ -72,7 +72,7 @@ def test_from_dict_none_and_empty_give_defaults() -> None:
 
 def test_from_dict_non_mapping_names_sections() -> None:
     with pytest.raises(ValueError, match=r"a config must be a mapping of sections \(model, moe, parallel, train, "
-                                         r"data\), got list"):
+                                         r"data, checkpoint\), got list"):
         from_dict([1, 2])
 
 
