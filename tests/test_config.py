@@ -485,7 +485,7 @@ def test_round_trip_defaults_and_customised() -> None:
     cfg = _cfg(moe={"capacity_factor": 1.5, "score_func": "sigmoid", "renormalize": True, "num_groups": 2},
                model={"n_kv_heads": 2}, parallel={"world_size": 4}, train={"dtype": "bfloat16"})
     d = to_dict(cfg)
-    assert set(d) == set(C.SECTIONS) == {"model", "moe", "parallel", "train", "data"}
+    assert set(d) == set(C.SECTIONS) == {"model", "moe", "parallel", "train", "data", "checkpoint"}
     assert from_dict(d) == cfg
 
 
