@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_dist.train.metrics import HEATMAP_NAME, MetricsLogger, load_records, plot_expert_load
+from moe_dist.train.metrics import CURVE_NAME, HEATMAP_NAME, MetricsLogger, load_records, plot_expert_load
 
 
 def _log_steps(m: MetricsLogger, steps, L=2, E=4):
@@ -25,6 +25,7 @@ def test_records_hold_scalars_and_per_expert_counts(tmp_path: Path) -> None:
     assert recs[2]["tokens_per_expert"] == [[2, 3, 4, 5], [6, 7, 8, 9]]
     assert load_records(tmp_path / "metrics.jsonl", kind="eval") == [{"step": 2, "kind": "eval", "val_loss": 4.2}]
     assert png == tmp_path / HEATMAP_NAME
+    assert (tmp_path / CURVE_NAME).stat().st_size > 10_000
     from PIL import Image
     with Image.open(png) as im:
         assert im.size[0] > 400 and im.size[1] > 200

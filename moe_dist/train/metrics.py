@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 HEATMAP_NAME = "expert_load.png"
+CURVE_NAME = "loss.png"
 
 
 def _finite_or_none(v: float) -> Optional[float]:
@@ -41,6 +42,7 @@ class MetricsLogger:
         self.path = self.out_dir / "metrics.jsonl"
         self._load_steps: list[int] = []
         self._load_SLE: list[torch.Tensor] = []
+        self._curves: dict[str, list[tuple[int, float]]] = {"train": [], "eval": []}
         self._tb = None
         self._file = None
         if not enabled:
@@ -64,6 +66,7 @@ class MetricsLogger:
                 continue              # a line cut short by the crash that forced the resume
             if rec.get("step", step) < step:
                 kept.append(line)
+                self._remember_loss(rec)
                 if rec.get("tokens_per_expert") is not None:
                     self._load_steps.append(rec["step"])
                     self._load_SLE.append(torch.tensor(rec["tokens_per_expert"]))
@@ -84,6 +87,7 @@ class MetricsLogger:
             rec["tokens_per_expert"] = counts.tolist()
             self._load_steps.append(step)
             self._load_SLE.append(counts)
+        self._remember_loss(rec)
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()        # a killed run keeps every step it finished
         if self._tb is not None:
@@ -91,8 +95,15 @@ class MetricsLogger:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(f"{kind}/{k}", v, step)
 
+    def _remember_loss(self, rec: dict) -> None:
+        kind = rec.get("kind", "train")
+        value = rec.get("lm_loss", rec.get("loss")) if kind == "train" else rec.get("val_loss")
+        if kind in self._curves and value is not None:
+            self._curves[kind].append((rec["step"], value))
+
     def close(self) -> Optional[Path]:
-        """Closes the files and draws the heatmap; returns its path (None when there is nothing to draw)."""
+        """Closes the files and draws the loss curve (loss.png) and the expert-load heatmap; returns the
+        heatmap's path (None when the model has no MoE layer or nothing was logged)."""
         if not self.enabled:
             return None
         if self._file is not None:
@@ -101,6 +112,8 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._curves["train"]:
+            plot_loss_curve(self._curves["train"], self._curves["eval"], self.out_dir / CURVE_NAME)
         if not self._load_SLE:
             return None
         return plot_expert_load(torch.stack(self._load_SLE), self._load_steps, self.moe_layer_ids,
@@ -123,6 +136,35 @@ def load_records(path: str | Path, kind: str = "train") -> list[dict]:
         if rec.get("kind", "train") == kind:
             out.append(rec)
     return out
+
+
+def plot_loss_curve(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]],
+                    path: str | Path, title: str = "LM loss") -> Path:
+    """Training LM loss per step (raw and a moving average) with validation points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [s for s, _ in train]
+    loss = torch.tensor([v for _, v in train], dtype=torch.float64)
+    w = max(1, min(25, len(loss) // 10))
+    smooth = torch.nn.functional.avg_pool1d(loss.view(1, 1, -1), w, stride=1).view(-1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, loss.numpy(), lw=0.6, alpha=0.4, label="train (per step)")
+    ax.plot(steps[w - 1:], smooth.numpy(), lw=1.6, label=f"train ({w}-step mean)")
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", ms=4, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_expert_load(counts_SLE: torch.Tensor, steps: Sequence[int], layer_ids: Sequence[int],
