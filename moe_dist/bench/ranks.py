@@ -1,0 +1,168 @@
+"""Run a function on N gloo CPU ranks in fresh spawned processes and collect what each returns.
+
+The benchmarks need fresh processes for two reasons: every measurement starts from the same state (no warm
+allocator, no earlier run's peak RSS in `ru_maxrss`), and a rank count is a real process count. Each rank
+gets `threads` intra-op threads (default 1): ranks that share a few cores thrash with torch's default of
+one thread per core. A rank that raises fails the call with its traceback; nothing waits past `timeout_s`.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import tempfile
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes() -> int:
+    """Resident set size now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS so far (getrusage ru_maxrss is KiB on Linux). It sees torch's CPU allocations,
+    which tracemalloc does not; it never goes down, hence fresh processes per measurement."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _entry(rank: int, world: int, port: int, out_dir: str, threads: int, timeout_s: float,
+           fn: Callable, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS=str(threads))
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        result = fn(rank, world, *args)
+        torch.save({"ok": result}, Path(out_dir) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+    except BaseException:
+        torch.save({"error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
+        raise
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, timeout_s: float = 600.0,
+              collective_timeout_s: float = 120.0) -> list[Any]:
+    """fn(rank, world, *args) on `world` gloo ranks (a process group exists even for world=1, so `fn` can
+    build a Topology either way); returns the per-rank results. `fn` and `args` must be picklable
+    (a module-level function)."""
+    import torch
+    import torch.multiprocessing as mp
+    if world < 1:
+        raise ValueError(f"world={world}: need at least one rank")
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out_dir:
+        port = free_port()
+        procs = [ctx.Process(target=_entry, args=(r, world, port, out_dir, threads, collective_timeout_s, fn, args))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout_s)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results, errors = [], []
+        for r in range(world):
+            f = Path(out_dir) / f"rank{r}.pt"
+            data = torch.load(f, weights_only=False) if f.exists() else {"error": f"rank {r} wrote nothing"}
+            if "error" in data:
+                errors.append((r, data["error"]))
+            results.append(data.get("ok"))
+        if errors:
+            # The first rank to fail is the cause; the others usually report its closed connection.
+            raise RuntimeError(f"ranks {[r for r, _ in errors]} failed (hung: {hung}):\n"
+                               + "\n".join(f"--- rank {r} ---\n{e}" for r, e in errors))
+        if hung:
+            raise RuntimeError(f"ranks {hung} did not finish within {timeout_s}s")
+        return results
+
+
+def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
+                      model_hook: Callable | None = None) -> dict[str, Any]:
+    """One rank of a short training run (a `run_ranks` target). Builds the layout of `cfg.parallel` on the
+    `world` ranks, applies `model_hook(model)` (tests use it to force a routing skew), runs `steps` train
+    steps and returns this rank's measurements:
+
+    step_s             wall time of every step (the first `warmup` are excluded from medians by the callers)
+    lm_loss, drop_fraction   per step, global over ranks (from the trainer's StepResult)
+    a2a_rows_out       per step, rows this rank sent to other EP ranks (all MoE layers, forward dispatch)
+    a2a_s              per step, seconds inside dist.all_to_all_single (gloo blocks, so this includes the
+                       wait for the slowest peer: the exposed communication time)
+    kept_L, dropped_L  per MoE layer, assignments this rank kept / dropped, summed over steps: capacity is
+                       applied to each rank's own tokens (a GShard group), so this is the per-rank drop count
+    rss_before, peak_rss   bytes, before the first step and the process peak at the end (ru_maxrss)
+    """
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from moe_dist.parallel.topology import ParallelDims, Topology
+    from moe_dist.train.trainer import Trainer
+
+    p = cfg.parallel
+    topo = (Topology.build(ParallelDims.create(world, p.tp, p.ep, p.etp, cfg.moe.num_experts), p.timeout_s)
+            if world > 1 else Topology.single())
+    trainer = Trainer(cfg, topo=topo)
+    if model_hook is not None:
+        model_hook(trainer.model)
+    layers = trainer.model.moe_layers
+    kept = [0] * len(layers)
+    dropped = [0] * len(layers)
+
+    def count(i):
+        def hook(_module, _inputs, output):
+            stats = output[1]
+            kept[i] += int(stats.tokens_per_expert.sum())      # host sync: benchmark bookkeeping only
+            dropped[i] += int(stats.dropped.sum())
+        return hook
+
+    handles = [layer.register_forward_hook(count(i)) for i, layer in enumerate(layers)]
+    # Time the all-to-all where comm.py calls it (it looks the function up on torch.distributed at each call).
+    # Patched only inside this spawned benchmark process, and restored before it returns.
+    original = dist.all_to_all_single
+    a2a_clock = [0.0]
+
+    def timed_all_to_all(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return original(*a, **k)
+        finally:
+            a2a_clock[0] += time.perf_counter() - t0
+
+    dist.all_to_all_single = timed_all_to_all
+    out: dict[str, Any] = {"step_s": [], "lm_loss": [], "drop_fraction": [], "a2a_rows_out": [], "a2a_s": []}
+    try:
+        rss_before = rss_bytes()
+        for step in range(steps):
+            a2a_clock[0] = 0.0
+            r = trainer.train_step(step)
+            out["step_s"].append(r.seconds)
+            out["lm_loss"].append(r.lm_loss)
+            out["drop_fraction"].append(r.drop_fraction)
+            out["a2a_rows_out"].append(r.a2a_rows_out)
+            out["a2a_s"].append(a2a_clock[0])
+    finally:
+        dist.all_to_all_single = original
+        for h in handles:
+            h.remove()
+    out.update(kept_L=kept, dropped_L=dropped, rss_before=rss_before, peak_rss=peak_rss_bytes(),
+               threads=torch.get_num_threads(), dp=topo.dims.dp, rank=rank)
+    return out
