@@ -1,0 +1,301 @@
+"""`train.engine: deepspeed`: the same MoEGPT, the same batches and the same step semantics as the native
+`Trainer`, with the optimizer state (ZeRO-1) or the optimizer state and gradients (ZeRO-2) partitioned by
+DeepSpeed (`deepspeed.initialize`).
+
+What each side does:
+- Our model keeps its own dispatch: tokens reach experts by our all-to-all over the topology's `ep` group.
+- DeepSpeed reduces gradients: dense parameters averaged over the whole data-parallel world, expert
+  parameters summed over the expert-data-parallel (`edp`) group and divided by the world (the rule of
+  `moe_dist.parallel.grads.reduce_gradients`). It learns which parameters are experts from DeepSpeed's own
+  MoE protocol (see `_tag_expert_parameters`), and it reduces them over `deepspeed.utils.groups`' expert
+  groups, which `_ExpertGroups` creates and checks equal to our `edp`/`ep` groups rank for rank.
+- Clipping: ZeRO-1/2 compute the global norm over partitions (dense partitions summed over the world,
+  expert partitions over the world too, which counts each expert once) and clip by
+  `max_norm / (norm + 1e-6)`: the native rule, tested equal. Stage 0 would clip by a per-rank norm that
+  misses the other EP ranks' experts, so at stage 0 we clip with `clip_gradients` ourselves.
+
+The generated DeepSpeed JSON (`deepspeed_config`) comes from our config; the user's file
+(`train.deepspeed_config`) overrides it key by key, except the keys that must agree with our config
+(batch sizes, gradient accumulation), which are refused with the field to change instead.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from moe_dist.config import Config, ConfigError
+from moe_dist.models.gpt import MoEGPT, ModelOutput
+from moe_dist.parallel.comm import all_reduce_
+from moe_dist.parallel.grads import clip_gradients
+from moe_dist.parallel.topology import Topology
+from moe_dist.train.data import Batcher, TokenDataset
+from moe_dist.train.trainer import History, StepResult, Trainer, build_optimizer, lr_at
+
+# Keys of the DeepSpeed JSON that our config owns: a user file may repeat them only with the same value.
+_OWNED = {"train_micro_batch_size_per_gpu": "train.batch_size",
+          "gradient_accumulation_steps": "train.grad_accum_steps",
+          "train_batch_size": "train.batch_size × train.grad_accum_steps × data-parallel ranks"}
+
+
+def expert_group_name(ep: int) -> str:
+    """DeepSpeed's name for the expert groups of one EP size (deepspeed.moe.layer.MoE uses the same)."""
+    return f"ep_size_{ep}"
+
+
+def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for our config on `dp` data-parallel ranks, with the user's file merged over it."""
+    t = cfg.train
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.batch_size * t.grad_accum_steps * dp,
+        # Stage 0 clips with our own global norm (see the module docstring), so DeepSpeed must not.
+        "gradient_clipping": t.grad_clip if t.zero_stage > 0 else 0.0,
+        "zero_optimization": {
+            "stage": t.zero_stage,
+            # DeepSpeed's MoE support in ZeRO-2 asserts both (stage_1_and_2._configure_moe_settings).
+            "contiguous_gradients": True,
+            "reduce_scatter": True,
+            # Overlap needs a side stream; on the CPU there is none, and the order of reductions stays fixed.
+            "overlap_comm": False,
+        },
+        # Our optimizer is torch.optim.AdamW (the native trainer's, same groups and betas): exact parity.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": t.dtype == "bfloat16"},
+        "steps_per_print": 1 << 30,          # we log; DeepSpeed's own step log would repeat it
+        "wall_clock_breakdown": False,
+    }
+    if t.deepspeed_config is None:
+        return generated
+    path = Path(t.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config!r} does not exist; give the path of a "
+                          "DeepSpeed JSON file, or null to use the generated config alone")
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config!r} is not valid JSON: {e}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config!r} must hold a JSON object")
+    for key, field_name in _OWNED.items():
+        if key in user and user[key] != generated[key]:
+            raise ConfigError(f"train.deepspeed_config sets {key}={user[key]!r} but our config gives "
+                              f"{generated[key]!r}; remove the key and set {field_name} instead")
+    merged = _merge(generated, user)
+    stage = merged.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"train.deepspeed_config sets zero_optimization.stage={stage!r}; use 0, 1 or 2 "
+                          "(stage 3 does not shard MoE experts), e.g. with train.zero_stage")
+    if merged.get("fp16", {}).get("enabled"):
+        raise ConfigError("train.deepspeed_config enables fp16; the MoE router needs fp32/bf16 ranges: "
+                          "use train.dtype=bfloat16 instead")
+    if stage == 0 and merged.get("gradient_clipping", 0) and "gradient_clipping" in user:
+        raise ConfigError("train.deepspeed_config sets gradient_clipping with ZeRO stage 0, where DeepSpeed's "
+                          "norm misses the other expert-parallel ranks' experts; set train.grad_clip instead")
+    return merged
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """`override` over `base`, recursively for nested objects (one key in zero_optimization keeps the rest)."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _expert_groups_module(topo: Topology, num_experts: int) -> nn.Module:
+    """A parameterless module that DeepSpeed recognises as an MoE layer.
+
+    DeepSpeed turns on its MoE gradient path (expert parameters reduced over the expert-data-parallel
+    group) only when `isinstance(module, deepspeed.moe.layer.MoE)` holds for some submodule, and it asks
+    that module to create the expert groups (`set_deepspeed_parallelism`). Our experts live in our own
+    MoELayer, so this marker stands in for them: it creates DeepSpeed's `ep_size_<ep>` groups and checks
+    them against our topology. It holds no weights and is never called."""
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups
+
+    class ExpertGroups(MoE):
+        def __init__(self) -> None:
+            nn.Module.__init__(self)          # MoE.__init__ would build DeepSpeed's own gate and experts
+            self.num_experts = num_experts
+            self.ep_size = topo.ep.size
+            self.expert_group_name = expert_group_name(topo.ep.size)
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            if use_data_before_expert_parallel_:
+                raise ConfigError("train.deepspeed_config sets use_data_before_expert_parallel_; our rank order is "
+                                  "ep fastest then data (Megatron's), so remove that key")
+            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+                groups._create_expert_and_data_parallel(self.ep_size)   # collective over the world
+            check_expert_groups(topo)
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("the DeepSpeed expert-groups marker is not a layer; MoEGPT routes its own tokens")
+
+    return ExpertGroups()
+
+
+def check_expert_groups(topo: Topology) -> None:
+    """DeepSpeed's expert-parallel, expert-data-parallel and data-parallel groups must be ours, rank for rank:
+    otherwise expert gradients would be summed across different experts."""
+    from deepspeed.utils import groups
+    name = expert_group_name(topo.ep.size)
+    theirs = {"ep": list(groups._get_expert_parallel_group_ranks(name)),
+              "edp": list(groups._get_expert_data_parallel_group_ranks(name)),
+              "dp": sorted(_group_ranks(groups._get_data_parallel_group(), topo.dims.world))}
+    ours = {"ep": list(topo.ep.ranks), "edp": list(topo.edp.ranks), "dp": list(topo.dp.ranks)}
+    for key in ours:
+        if theirs[key] != ours[key]:
+            raise RuntimeError(f"rank {topo.rank}: DeepSpeed's {key} group {theirs[key]} differs from ours "
+                               f"{ours[key]} ({topo.dims.describe()}); expert gradients would be reduced over the "
+                               "wrong ranks. DeepSpeed's groups were created with another layout in this process: "
+                               "use one layout per process")
+
+
+def _group_ranks(group, world: int) -> list[int]:
+    import torch.distributed as dist
+    if group is None or group is dist.group.WORLD:
+        return list(range(world))
+    return dist.get_process_group_ranks(group)
+
+
+def _ensure_local_rank(topo: Topology) -> None:
+    """DeepSpeed's engine reads LOCAL_RANK (or OpenMPI's) from the environment and refuses to start without
+    it; torchrun and the deepspeed launcher set it, SLURM and hand-started process groups do not. DeepSpeed
+    itself writes LOCAL_RANK back into os.environ, so filling it in here follows its own convention."""
+    import os
+
+    from moe_dist.parallel import bootstrap
+    if "LOCAL_RANK" in os.environ or "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+        return
+    try:
+        local = bootstrap.detect_launch(os.environ).local_rank
+    except ValueError:
+        # A process group started by hand (tests): every rank is on this host.
+        local = topo.rank
+    os.environ["LOCAL_RANK"] = str(local)
+
+
+class _EngineModule(nn.Module):
+    """What DeepSpeed wraps: our model plus the expert-groups marker, so the model itself carries no
+    DeepSpeed object. Parameter names gain a `model.` prefix inside the engine only."""
+
+    def __init__(self, model: MoEGPT, marker: Optional[nn.Module]):
+        super().__init__()
+        self.model = model
+        self.expert_groups = marker
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None) -> ModelOutput:
+        return self.model(idx_BS, targets_BS)
+
+
+def _tag_expert_parameters(model: MoEGPT, ep: int) -> None:
+    """DeepSpeed's MoE protocol marks expert parameters with `allreduce=False` and the name of their expert
+    group (`deepspeed.moe.utils.is_moe_param`, read by `split_params_into_different_moe_groups_for_optimizer`
+    and by ZeRO's reduction). STYLE.md keeps such attributes out of the model, whose typed answer is
+    `expert_parameters()`; this engine is the one place that translates that list into DeepSpeed's
+    attributes, right before handing the parameters to DeepSpeed."""
+    for p in model.expert_parameters():
+        p.allreduce = False
+        p.group_name = expert_group_name(ep)
+
+
+class DeepSpeedTrainer(Trainer):
+    """`Trainer`'s interface (fit, train_step, evaluate, history, wall_seconds, model) on a DeepSpeed engine.
+    `fit`, `evaluate` and the global-loss logic are Trainer's; the step is DeepSpeed's."""
+
+    def __init__(self, cfg: Config, topo: Optional[Topology] = None, model: Optional[MoEGPT] = None,
+                 batcher: Optional[Batcher] = None):
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        # Trainer.__init__ is not called: it builds a torch optimizer that DeepSpeed would not own.
+        self.cfg = cfg
+        self.topo = topo = topo or Topology.single()
+        if topo.tp.size > 1 or topo.etp.size > 1:
+            raise ConfigError(f"train.engine=deepspeed supports expert and data parallelism only ({topo.dims.describe()}); "
+                              "use train.engine=native for tensor parallelism")
+        torch.manual_seed(cfg.train.seed + topo.rank)    # the native trainer's per-rank jitter seed
+        self.model = model or MoEGPT(cfg, topo)
+        self.batcher = batcher or Batcher(
+            TokenDataset(cfg.data.path, cfg.train.seq_len, "train", cfg.data.val_fraction),
+            cfg.train.batch_size, cfg.train.seed, rank=topo.dp.rank, world=topo.dp.size)
+        self.history = History()
+        self.ds_config = deepspeed_config(cfg, topo.dp.size)
+        self.zero_stage = self.ds_config["zero_optimization"]["stage"]
+
+        # A model without MoE layers is plain data parallelism: no marker (DeepSpeed would then insist on
+        # an expert parameter group).
+        has_experts = bool(self.model.expert_parameters())
+        if has_experts:
+            _tag_expert_parameters(self.model, topo.ep.size)
+        module = _EngineModule(self.model, _expert_groups_module(topo, cfg.moe.num_experts) if has_experts else None)
+        kwargs: dict[str, Any] = {}
+        if "optimizer" in self.ds_config:
+            # The user's file names DeepSpeed's optimizer; DeepSpeed splits the MoE groups itself.
+            kwargs["model_parameters"] = list(module.parameters())
+        else:
+            # The native trainer's AdamW groups (decay / no decay), each split into dense and expert groups.
+            # DeepSpeed keys its split by group name; an empty group (no expert vectors) is dropped.
+            named = [{**g, "name": name} for g, name in
+                     zip(build_optimizer(self.model, cfg.train).param_groups, ("decay", "no_decay"))]
+            groups = [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]
+            kwargs["optimizer"] = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8)
+        _ensure_local_rank(topo)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, config=copy.deepcopy(self.ds_config),
+                                                                 **kwargs)
+        self.wall_seconds = 0.0
+
+    def train_step(self, step: int) -> StepResult:
+        t0 = time.perf_counter()
+        self.engine.train()
+        lr = lr_at(step, self.cfg.train)
+        if "scheduler" not in self.ds_config:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+        gas = self.cfg.train.grad_accum_steps
+        outs: list[ModelOutput] = []
+        for micro in range(gas):
+            # Micro-batch `micro` of optimizer step `step`: windows step·gas + micro of this dp rank.
+            x, y = self.batcher.get_batch(step * gas + micro)
+            out: ModelOutput = self.engine(x, y)
+            self.engine.backward(out.loss)      # DeepSpeed scales by 1/gas and reduces at the boundary
+            outs.append(out)
+        norm = None
+        if self.zero_stage == 0:
+            # Gradients are whole and reduced on every rank here; DeepSpeed's stage-0 clip would use a
+            # per-rank norm, so the native global norm and rule apply.
+            norm = clip_gradients(self.model, self.topo, self.cfg.train.grad_clip)
+        lms, auxs = zip(*(self._global_losses(o) for o in outs))
+        lm, aux = sum(lms) / gas, sum(auxs) / gas
+        if not math.isfinite(lm + aux):
+            raise FloatingPointError(f"step {step}: loss is {lm + aux}; lower train.lr or check the data")
+        self.engine.step()
+        if norm is None:
+            norm = float(self.engine.get_global_grad_norm())   # ZeRO's global norm, computed in step()
+        counts, drop_fraction, leaving = self._expert_counts(outs)
+        return StepResult(step=step, loss=lm + aux, lm_loss=lm, aux_loss=aux, drop_fraction=drop_fraction,
+                          tokens_per_expert=counts, grad_norm=norm, lr=lr, seconds=time.perf_counter() - t0,
+                          a2a_rows_out=sum(s.a2a_rows_out for o in outs for s in o.stats),
+                          a2a_rows_leaving=leaving)
+
+    def _expert_counts(self, outs: list[ModelOutput]) -> tuple[list[torch.Tensor], float, int]:
+        """Per-expert kept counts over every rank's tokens (the bias rule and the load report see the global
+        batch), the drop fraction, and this rank's rows leaving for other EP ranks: the native trainer's."""
+        E = self.cfg.moe.num_experts
+        kept_dropped = sum(torch.stack([torch.stack([s.tokens_per_expert, s.dropped]) for s in o.stats])
+                           if o.stats else torch.zeros(0, 2, E, dtype=torch.long) for o in outs)
+        leaving = self._rows_leaving(kept_dropped[:, 0])
+        all_reduce_(kept_dropped, self.topo.world)
+        counts = list(kept_dropped[:, 0])
+        self.model.update_expert_bias(counts)
+        dropped = int(kept_dropped[:, 1].sum())
+        routed = dropped + int(kept_dropped[:, 0].sum())
+        return counts, dropped / routed if routed else 0.0, leaving
