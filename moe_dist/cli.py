@@ -38,12 +38,18 @@ def _start_ranks(cfg):
 
 def cmd_train(args) -> int:
     from moe_dist.parallel import bootstrap
-    from moe_dist.train.trainer import Trainer, format_expert_load
+    from moe_dist.train.checkpoint import CheckpointError
+    from moe_dist.train.trainer import format_expert_load
     cfg = _load_config(args.config, args.overrides)
     topo = _start_ranks(cfg)
+    say = print if topo.rank == 0 else (lambda *a, **k: None)
     try:
-        trainer = Trainer(cfg, topo=topo)
-        say = print if topo.rank == 0 else (lambda *a, **k: None)
+        if cfg.train.engine == "deepspeed":
+            # Imported only when asked for: deepspeed is an optional extra and slow to import.
+            from moe_dist.train.deepspeed_engine import DeepSpeedTrainer as engine
+        else:
+            from moe_dist.train.trainer import Trainer as engine
+        trainer = engine(cfg, topo=topo)
         n = sum(p.numel() for p in trainer.model.parameters())
         moe_ids = [i for i, b in enumerate(trainer.model.blocks) if b.is_moe]
         header = f"moe-dist train: {args.config} | {n / 1e6:.2f}M parameters"
@@ -55,18 +61,32 @@ def cmd_train(args) -> int:
         else:
             header += " (no MoE layer)"
         say(header, flush=True)
-        history = trainer.fit(progress=not args.quiet)
-        val = trainer.evaluate()       # every rank joins: the model's collectives need the whole group
+        try:
+            history = trainer.fit(progress=not args.quiet)   # resumes from `latest` first (checkpoint.resume)
+        except CheckpointError as e:
+            print(f"moe-dist: checkpoint error: {e}", file=sys.stderr)
+            return 2
         steps = history.steps
+        if trainer.stopped_at is not None:
+            return 0        # SIGTERM: fit saved and said where; a clean exit, the next launch resumes
+        if not steps:
+            say(f"nothing to do: the checkpoint is at step {cfg.train.steps} already (train.steps); raise "
+                "train.steps to continue", flush=True)
+            return 0
+        val = trainer.evaluate(cfg.train.eval_batches)   # every rank joins: the model's collectives need the whole group
         first = sum(s.lm_loss for s in steps[:10]) / min(10, len(steps))
         last = sum(s.lm_loss for s in steps[-10:]) / min(10, len(steps))
-        tokens = len(steps) * cfg.train.batch_size * cfg.train.seq_len * topo.dp.size
+        tokens = len(steps) * cfg.train.batch_size * cfg.train.seq_len * topo.dp.size * cfg.train.grad_accum_steps
+        skipped = getattr(history, "skipped_steps", 0)
         say(f"\ndone: {len(steps)} steps in {trainer.wall_seconds:.1f}s, {tokens / trainer.wall_seconds:,.0f} "
-            f"tokens/s; LM loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps); val loss {val:.3f}")
-        if moe_ids:
+            f"tokens/s; LM loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps); val loss {val:.3f}"
+            + (f"; {skipped} non-finite steps skipped" if skipped else ""))
+        if moe_ids and history.expert_load().numel():
             where = f" (all {topo.dims.world} ranks)" if topo.is_distributed else ""
             say(f"\nper-expert load over the run{where} (share of assignments):")
             say(format_expert_load(history.expert_load(), moe_ids))
+        if getattr(trainer, "last_checkpoint", None):
+            say(f"\ncheckpoint: {trainer.last_checkpoint}")
         say(f"\nmetrics: {cfg.train.out_dir}/metrics.jsonl")
     finally:
         bootstrap.shutdown()

@@ -12,6 +12,7 @@ import zlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from moe_dist.config import Config, ModelConfig
 from moe_dist.moe.layer import MoELayer, MoEStats
@@ -175,8 +176,14 @@ class MoEGPT(nn.Module):
         x = self.embed(idx_BS)
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         stats: list[MoEStats] = []
+        recompute = self.cfg.train.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x, st = block(x, cos, sin)
+            if recompute:
+                # Keep only the block's input; backward reruns its forward (same RNG state, and the MoE layer's
+                # collectives again, in the same order on every rank) before its backward.
+                x, st = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, st = block(x, cos, sin)
             if st is not None:
                 stats.append(st)
         logits = self.head(self.norm(x))

@@ -32,6 +32,9 @@ class MoEStats:
     capacity: Optional[int]
     a2a_rows_out: int = 0             # rows this rank sent to other EP ranks in the dispatch
     a2a_rows_in: int = 0              # rows it received from them
+    # bool [] on the device: every router logit of this rank was finite (read only when the loss is not,
+    # to name the layer that produced the NaN/Inf; no host sync otherwise)
+    router_finite: Optional[torch.Tensor] = None
 
     @property
     def drop_fraction(self) -> float:
@@ -110,7 +113,8 @@ class MoELayer(nn.Module):
         stats = MoEStats(tokens_per_expert=(counts_E - dropped_E).detach(),
                          dropped=dropped_E, aux_loss=aux, z_loss=zl,
                          entropy=losses.router_entropy(r.probs_TE), num_tokens=T, capacity=cap,
-                         a2a_rows_out=rows_out, a2a_rows_in=rows_in)
+                         a2a_rows_out=rows_out, a2a_rows_in=rows_in,
+                         router_finite=torch.isfinite(r.logits_TE.detach()).all())
         return y_TD.view(B, S, D), stats
 
     def _capacity(self, indices_TK, weights_TK, T):

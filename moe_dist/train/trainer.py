@@ -1,11 +1,19 @@
 """The training loop, as a class with small methods. The parallel layout comes in as a `Topology`
 (one process when None): the model holds this rank's shards, the batcher reads this dp rank's
-windows, and gradients are reduced over the layout's groups before the optimizer step."""
+windows, and gradients are reduced over the layout's groups before the optimizer step.
+
+One optimizer step = `train.grad_accum_steps` micro-batches (micro-batch i of step s reads the batcher's
+window set s·accum + i), gradients summed then reduced once. Every decision that changes control flow
+(non-finite loss, SIGTERM) is taken from all-reduced values, so all ranks take it together and none hangs.
+"""
 from __future__ import annotations
 
-import json
+import contextlib
+import functools
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +27,9 @@ from moe_dist.models.gpt import MoEGPT, ModelOutput
 from moe_dist.parallel.comm import all_reduce_
 from moe_dist.parallel.grads import clip_gradients, reduce_gradients
 from moe_dist.parallel.topology import Topology
+from moe_dist.train import checkpoint as ckpt
 from moe_dist.train.data import Batcher, TokenDataset
+from moe_dist.train.metrics import MetricsLogger
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -44,7 +54,7 @@ class StepResult:
     step: int
     loss: float
     lm_loss: float
-    aux_loss: float
+    aux_loss: float                          # load-balancing + z loss (what training adds to the LM loss)
     drop_fraction: float
     tokens_per_expert: list[torch.Tensor]   # per MoE layer, [E], summed over every rank
     grad_norm: float
@@ -52,74 +62,158 @@ class StepResult:
     seconds: float
     a2a_rows_out: int = 0                    # rows this rank sent to other EP ranks (all MoE layers, forward)
     a2a_rows_leaving: int = 0                # its kept assignments whose expert lives on another EP rank
+    z_loss: float = 0.0                      # the router z-loss part of aux_loss
+    skipped: bool = False                    # non-finite loss with train.on_nonfinite=skip: no update
 
 
 @dataclass
 class History:
     steps: list[StepResult] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)     # (step, validation LM loss)
+    skipped_steps: int = 0
 
     def expert_load(self) -> torch.Tensor:
-        """[layers, E] assignments summed over the run."""
-        return torch.stack([torch.stack(s.tokens_per_expert) for s in self.steps]).sum(0)
+        """[layers, E] assignments summed over the run (skipped steps count nothing)."""
+        kept = [torch.stack(s.tokens_per_expert) for s in self.steps if s.tokens_per_expert]
+        return torch.stack(kept).sum(0) if kept else torch.zeros(0, 0, dtype=torch.long)
+
+
+def default_device() -> torch.device:
+    """The GPU the bootstrap selected (nccl sets the local rank's device), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class Trainer:
+    # Defaults for subclasses that build their own engine without calling __init__ (DeepSpeedTrainer):
+    # they get the loop, evaluation and SIGTERM handling, and no native checkpoints unless they set these.
+    checkpoint_root: Optional[Path] = None
+    resumed_from: Optional[Path] = None      # the checkpoint folder `fit` resumed from
+    stopped_at: Optional[int] = None         # steps done when SIGTERM stopped the run
+    last_checkpoint: Optional[Path] = None
+    wall_seconds: float = 0.0
+
     def __init__(self, cfg: Config, model: Optional[MoEGPT] = None, batcher: Optional[Batcher] = None,
                  topo: Optional[Topology] = None):
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
-        torch.manual_seed(cfg.train.seed + topo.rank)    # jitter noise differs per rank, as per micro-batch
+        # Seeds: weights come from (train.seed, name) whatever the layout (MoEGPT.reset_parameters); the global
+        # RNG (router jitter) differs per rank like per micro-batch, and is saved per rank in checkpoints.
+        torch.manual_seed(cfg.train.seed + topo.rank)
         self.model = model or MoEGPT(cfg, topo)
+        self.model.to(default_device())
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.batcher = batcher or Batcher(
             TokenDataset(cfg.data.path, cfg.train.seq_len, "train", cfg.data.val_fraction),
             cfg.train.batch_size, cfg.train.seed, rank=topo.dp.rank, world=topo.dp.size)
         self.history = History()
+        self.checkpoint_root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
+        self._stop_requested = False
 
     @property
     def is_logger(self) -> bool:
         return self.topo.rank == 0
 
+    def _say(self, *args, **kwargs) -> None:
+        if self.is_logger:
+            print(*args, **kwargs, flush=True)
+
+    # ---------------------------------------------------------------------------------------- one step
+
+    def _autocast(self):
+        """bf16 autocast on a GPU when train.dtype=bfloat16 (router math stays fp32 inside the router);
+        fp32 on the CPU, where bf16 matmuls are slower and only change the numbers."""
+        device = next(self.model.parameters()).device
+        if device.type == "cuda" and self.cfg.train.dtype == "bfloat16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _global_losses(self, out: ModelOutput) -> tuple[float, float]:
-        """(LM loss, aux loss) of the global batch: LM is replicated over tp and averaged over dp; each
-        rank's aux loss is its share of its group's loss, so the world sum over dp gives the mean."""
-        v = torch.stack([out.lm_loss.detach().float() / self.topo.tp.size, out.aux_loss.detach().float()])
+        """(LM loss, aux loss incl. z loss) of the global batch (the DeepSpeed engine uses this too)."""
+        lm, aux, z = self._global_loss_terms(out)
+        return lm, aux + z
+
+    def _global_loss_terms(self, out: ModelOutput) -> tuple[float, float, float]:
+        """(LM, load-balancing, z) losses of the global batch: LM is replicated over tp and averaged over dp;
+        each rank's aux and z losses are its share of its group's loss, so the world sum over dp gives the mean."""
+        z = sum((s.z_loss.detach().float() for s in out.stats), torch.zeros((), device=out.aux_loss.device))
+        v = torch.stack([out.lm_loss.detach().float() / self.topo.tp.size, out.aux_loss.detach().float() - z, z])
         all_reduce_(v, self.topo.world)
-        v = v / self.topo.dims.dp
-        return float(v[0]), float(v[1])   # host sync: logging
+        v = (v / self.topo.dims.dp).tolist()     # host sync: logging and the non-finite decision
+        return v[0], v[1], v[2]
 
     def train_step(self, step: int) -> StepResult:
         t0 = time.perf_counter()
+        t = self.cfg.train
         self.model.train()
-        lr = lr_at(step, self.cfg.train)
+        lr = lr_at(step, t)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        x, y = self.batcher.get_batch(step)
-        out: ModelOutput = self.model(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        device = next(self.model.parameters()).device
+        outs: list[ModelOutput] = []
+        for micro in range(t.grad_accum_steps):
+            x, y = self.batcher.get_batch(step * t.grad_accum_steps + micro)
+            with self._autocast():
+                out: ModelOutput = self.model(x.to(device), y.to(device))
+            # Mean over micro-batches: the LM loss (a mean over equal-sized micro-batches) and the z-loss (a
+            # mean over tokens) equal those of one batch of accum× the size; the load-balancing loss does not
+            # (f_i·P_i is computed per micro-batch, as Megatron and DeepSpeed do), nor does capacity dropping
+            # (capacity is per micro-batch).
+            (out.loss / t.grad_accum_steps).backward()
+            outs.append(out)
         reduce_gradients(self.model, self.topo)
-        norm = clip_gradients(self.model, self.topo, self.cfg.train.grad_clip)
-        lm, aux = self._global_losses(out)
-        if not math.isfinite(lm + aux):
-            raise FloatingPointError(f"step {step}: loss is {lm + aux}; lower train.lr or check the data")
+        norm = clip_gradients(self.model, self.topo, t.grad_clip)
+        terms = [self._global_loss_terms(o) for o in outs]
+        lm, aux, z = (sum(col) / len(terms) for col in zip(*terms))
+        a2a_out = sum(s.a2a_rows_out for o in outs for s in o.stats)
+        # Every rank holds the same all-reduced losses and norm, so every rank takes this branch together.
+        if not math.isfinite(lm + aux + z + norm):
+            return self._nonfinite(step, outs, lm, aux, z, norm, lr, t0)
         self.optimizer.step()
-        # Per-expert counts over every rank's tokens: the bias rule and the load report see the global batch.
+        counts, drop_fraction, leaving = self._expert_counts(outs)
+        return StepResult(step=step, loss=lm + aux + z, lm_loss=lm, aux_loss=aux + z, z_loss=z,
+                          drop_fraction=drop_fraction, tokens_per_expert=counts, grad_norm=norm, lr=lr,
+                          seconds=time.perf_counter() - t0, a2a_rows_out=a2a_out, a2a_rows_leaving=leaving)
+
+    def _expert_counts(self, outs: list[ModelOutput]) -> tuple[list[torch.Tensor], float, int]:
+        """Per-expert kept counts over every rank's tokens and micro-batches (the bias rule and the load report
+        see the global batch), the drop fraction, and this rank's rows leaving for other EP ranks."""
         E = self.cfg.moe.num_experts
-        kept_dropped = torch.stack([torch.stack([s.tokens_per_expert, s.dropped]) for s in out.stats]) \
-            if out.stats else torch.zeros(0, 2, E, dtype=torch.long)
+        kept_dropped = sum(torch.stack([torch.stack([s.tokens_per_expert, s.dropped]) for s in o.stats])
+                           if o.stats else torch.zeros(0, 2, E, dtype=torch.long) for o in outs)
         leaving = self._rows_leaving(kept_dropped[:, 0])
         all_reduce_(kept_dropped, self.topo.world)
-        counts = list(kept_dropped[:, 0])
-        self.model.update_expert_bias(counts)
+        counts = list(kept_dropped[:, 0].cpu())
+        self.model.update_expert_bias(list(kept_dropped[:, 0]))
         dropped = int(kept_dropped[:, 1].sum())
         routed = dropped + int(kept_dropped[:, 0].sum())
-        return StepResult(step=step, loss=lm + aux, lm_loss=lm, aux_loss=aux,
-                          drop_fraction=dropped / routed if routed else 0.0,
-                          tokens_per_expert=counts, grad_norm=norm, lr=lr,
-                          seconds=time.perf_counter() - t0,
-                          a2a_rows_out=sum(s.a2a_rows_out for s in out.stats),
-                          a2a_rows_leaving=leaving)
+        return counts, dropped / routed if routed else 0.0, leaving
+
+    def _nonfinite(self, step, outs, lm, aux, z, norm, lr, t0) -> StepResult:
+        """Raise naming the first MoE layer whose router produced NaN/Inf (on any rank), or skip the update."""
+        where = self._first_nonfinite_router(outs)
+        what = f"step {step}: loss {lm + aux + z} (LM {lm}, aux {aux}, z {z}), gradient norm {norm}"
+        if self.cfg.train.on_nonfinite == "raise":
+            raise FloatingPointError(f"{what}; {where}. Lower train.lr, raise moe.z_loss_coef, check the data, or "
+                                     "set train.on_nonfinite=skip to skip such steps")
+        self.optimizer.zero_grad(set_to_none=True)     # no optimizer update and no expert-bias update
+        self.history.skipped_steps += 1
+        self._say(f"{what}; {where}; step skipped (train.on_nonfinite=skip, "
+                  f"{self.history.skipped_steps} skipped so far)")
+        return StepResult(step=step, loss=lm + aux + z, lm_loss=lm, aux_loss=aux + z, z_loss=z, drop_fraction=0.0,
+                          tokens_per_expert=[], grad_norm=norm, lr=lr, seconds=time.perf_counter() - t0,
+                          skipped=True)
+
+    def _first_nonfinite_router(self, outs: list[ModelOutput]) -> str:
+        layer_ids = [i for i, b in enumerate(self.model.blocks) if b.is_moe]
+        if not layer_ids:
+            return "the model has no MoE router"
+        ok = torch.stack([torch.stack([s.router_finite for s in o.stats]) for o in outs]).all(0).to(torch.int32)
+        all_reduce_(ok, self.topo.world, op=torch.distributed.ReduceOp.MIN)   # the same answer on every rank
+        bad = [lid for lid, flag in zip(layer_ids, ok.tolist()) if not flag]
+        if not bad:
+            return "every router's logits were finite (the NaN/Inf arose elsewhere)"
+        return f"the router of layer {bad[0]} (blocks.{bad[0]}.mlp.router) produced non-finite logits first"
 
     def _rows_leaving(self, kept_LE: torch.Tensor) -> int:
         """This rank's kept assignments to experts on other EP ranks, counted from the routing alone, to check
@@ -128,51 +222,160 @@ class Trainer:
         local = slice(ep.rank * E // ep.size, (ep.rank + 1) * E // ep.size)
         return int(kept_LE.sum() - kept_LE[:, local].sum())     # host sync: one scalar for the log
 
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def resume(self) -> int:
+        """Load the checkpoint that checkpoint.resume asks for; returns the step to continue from (0: fresh)."""
+        c = self.cfg.checkpoint
+        if self.checkpoint_root is None or c.resume == "never":
+            return 0
+        # Rank 0 picks and verifies (sha256 of every file once, not once per rank) and tells the others.
+        found = err = None
+        if self.topo.rank == 0:
+            try:
+                found = ckpt.find(self.checkpoint_root, c.fallback, say=self._say)
+            except ckpt.CheckpointError as e:
+                err = str(e)
+        found, err = ckpt.broadcast_from_rank0((found, err), self.topo)
+        if err:
+            raise ckpt.CheckpointError(err)
+        if found is None:
+            if c.resume == "must":
+                raise ckpt.CheckpointError(f"checkpoint.resume=must but {self.checkpoint_root} holds no checkpoint; "
+                                           "set checkpoint.resume=auto to start fresh")
+            return 0
+        path, meta = found
+        for note in ckpt.check_compatible(meta, self.cfg, path):
+            self._say(f"checkpoint note: {note}")
+        rng = ckpt.load(path, meta, self.model, self.optimizer, self.topo)
+        step = int(meta["step"])
+        if not rng:
+            # Another layout: ranks do not map one to one, so each draws a fresh stream keyed by (seed, step, rank).
+            torch.manual_seed(self.cfg.train.seed * 1_000_003 + step * 1009 + self.topo.rank)
+        self.resumed_from = path
+        saved = ckpt.describe_layout(meta["layout"])
+        now = ckpt.describe_layout(ckpt.layout_of(self.topo))
+        how = f"saved with {saved}" + ("" if saved == now else f", resharded to {now}")
+        self._say(f"resumed from {path} (step {step}, {how})")
+        return step
+
+    def save_checkpoint(self, step: int) -> Optional[Path]:
+        """Collective: every rank calls it with the number of steps done."""
+        if self.checkpoint_root is None:
+            return None
+        self.last_checkpoint = ckpt.save(self.checkpoint_root, step, self.model, self.optimizer, self.cfg,
+                                         self.topo, keep=self.cfg.checkpoint.keep)
+        return self.last_checkpoint
+
+    def _agree_to_stop(self) -> bool:
+        """True on every rank when any rank received SIGTERM (one small all-reduce per step)."""
+        flag = torch.tensor([int(self._stop_requested)], dtype=torch.int32)
+        if self.topo.is_distributed:
+            if torch.distributed.get_backend(self.topo.world.handle) == "nccl":
+                flag = flag.to(default_device())
+            all_reduce_(flag, self.topo.world, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    @contextlib.contextmanager
+    def _sigterm_sets_flag(self):
+        """SIGTERM (preemption, scancel, torchrun shutting down) only sets a flag: the step finishes, all ranks
+        save, and `fit` returns. Signal handlers exist in the main thread only; elsewhere nothing changes."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self._stop_requested = True
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    # ------------------------------------------------------------------------------------------- loop
+
     def fit(self, steps: Optional[int] = None, progress: bool = True,
             on_step: Optional[Callable[[StepResult], None]] = None) -> History:
+        """Train until `steps` optimizer steps are done (default train.steps), resuming first per
+        checkpoint.resume; saves every checkpoint.every steps, at the end, and on SIGTERM."""
         steps = steps or self.cfg.train.steps
-        t = self.cfg.train
-        tokens_per_step = t.batch_size * t.seq_len * self.topo.dp.size     # the global batch
+        t, c = self.cfg.train, self.cfg.checkpoint
+        start = self.resume()
+        tokens_per_step = t.batch_size * t.seq_len * self.topo.dp.size * t.grad_accum_steps   # the global batch
         progress = progress and self.is_logger
-        out_dir = Path(t.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log = open(out_dir / "metrics.jsonl", "w") if self.is_logger else None
+        moe_ids = [i for i, b in enumerate(self.model.blocks) if b.is_moe]
+        log = MetricsLogger(t.out_dir, enabled=self.is_logger, moe_layer_ids=moe_ids, tensorboard=t.tensorboard,
+                            resume_step=start if self.resumed_from else None)
         tty = progress and sys.stderr.isatty()
-        bar = tqdm(total=steps, disable=not tty, dynamic_ncols=True, desc="train")
+        bar = tqdm(total=steps, initial=min(start, steps), disable=not tty, dynamic_ncols=True, desc="train")
         t_start = time.perf_counter()
+        last_saved = start if self.resumed_from else None
         try:
-            for step in range(steps):
-                r = self.train_step(step)
-                self.history.steps.append(r)
-                tps = tokens_per_step / r.seconds
-                if log:
-                    log.write(json.dumps({"step": step, "loss": r.loss, "lm_loss": r.lm_loss, "aux_loss": r.aux_loss,
-                                      "drop_fraction": r.drop_fraction, "grad_norm": r.grad_norm, "lr": r.lr,
-                                          "tokens_per_s": tps, "step_s": r.seconds,
-                                          "a2a_rows_out": r.a2a_rows_out,
-                                          "a2a_rows_leaving": r.a2a_rows_leaving}) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{r.lm_loss:.3f}", aux=f"{r.aux_loss:.4f}", tok_s=f"{tps:,.0f}",
-                                drop=f"{r.drop_fraction:.1%}")
-                if progress and not tty and (step % t.log_every == 0 or step == steps - 1):
-                    print(f"step {step:5d}/{steps} loss {r.lm_loss:.4f} aux {r.aux_loss:.4f} "
-                          f"drop {r.drop_fraction:.2%} {tps:,.0f} tok/s lr {r.lr:.2e}", flush=True)
-                if on_step:
-                    on_step(r)
+            with self._sigterm_sets_flag():
+                for step in range(start, steps):
+                    r = self.train_step(step)
+                    self.history.steps.append(r)
+                    self._log(log, r, tokens_per_step, steps, progress, tty, bar)
+                    done = step + 1
+                    if t.eval_every and done % t.eval_every == 0 and done < steps:
+                        self._log_eval(log, done)
+                    if on_step:
+                        on_step(r)
+                    stop = self._agree_to_stop()
+                    if stop or (c.every and done % c.every == 0) or done == steps:
+                        if self.save_checkpoint(done):
+                            last_saved = done
+                    if stop:
+                        self.stopped_at = done
+                        where = (f"checkpoint {self.last_checkpoint}; run the same command again to resume"
+                                 if last_saved == done else "no checkpoint (this engine does not save)")
+                        self._say(f"\nSIGTERM: stopped after step {done} of {steps}; {where}")
+                        break
         finally:
             bar.close()
-            if log:
-                log.close()
+            log.close()
         self.wall_seconds = time.perf_counter() - t_start
         return self.history
+
+    def _log(self, log: MetricsLogger, r: StepResult, tokens_per_step: int, steps: int, progress: bool,
+             tty: bool, bar) -> None:
+        tps = tokens_per_step / r.seconds
+        counts = torch.stack(r.tokens_per_expert) if r.tokens_per_expert else None
+        log.log_step(r.step, {"loss": r.loss, "lm_loss": r.lm_loss, "aux_loss": r.aux_loss, "z_loss": r.z_loss,
+                              "drop_fraction": r.drop_fraction, "grad_norm": r.grad_norm, "lr": r.lr,
+                              "tokens_per_s": tps, "step_s": r.seconds, "a2a_rows_out": r.a2a_rows_out,
+                              "a2a_rows_leaving": r.a2a_rows_leaving, "skipped": r.skipped,
+                              "skipped_total": self.history.skipped_steps}, counts)
+        bar.update(1)
+        bar.set_postfix(loss=f"{r.lm_loss:.3f}", aux=f"{r.aux_loss - r.z_loss:.4f}", z=f"{r.z_loss:.4f}",
+                        tok_s=f"{tps:,.0f}", drop=f"{r.drop_fraction:.1%}", step_ms=f"{1e3 * r.seconds:.0f}")
+        if progress and not tty and (r.step % self.cfg.train.log_every == 0 or r.step == steps - 1):
+            print(f"step {r.step:5d}/{steps} loss {r.lm_loss:.4f} aux {r.aux_loss - r.z_loss:.4f} z {r.z_loss:.4f} "
+                  f"drop {r.drop_fraction:.2%} {tps:,.0f} tok/s {1e3 * r.seconds:.0f} ms/step lr {r.lr:.2e}"
+                  + (f" skipped {self.history.skipped_steps}" if self.history.skipped_steps else ""), flush=True)
+
+    def _log_eval(self, log: MetricsLogger, done: int) -> None:
+        val = self.evaluate(self.cfg.train.eval_batches)     # every rank joins: the model's collectives
+        self.history.evals.append((done, val))
+        log.log_step(done, {"val_loss": val}, kind="eval")
+        self._say(f"step {done:5d} validation LM loss {val:.4f}")
+
+    @functools.cached_property
+    def _val_batcher(self) -> Batcher:
+        # Fixed windows (seed 0) so that runs compare; memory-mapped once.
+        return Batcher(TokenDataset(self.cfg.data.path, self.cfg.train.seq_len, "val", self.cfg.data.val_fraction),
+                       self.cfg.train.batch_size, seed=0, rank=self.topo.dp.rank, world=self.topo.dp.size)
 
     @torch.no_grad()
     def evaluate(self, batches: int = 8) -> float:
         """Mean LM loss on the validation split (fixed windows, so runs compare)."""
-        val = Batcher(TokenDataset(self.cfg.data.path, self.cfg.train.seq_len, "val", self.cfg.data.val_fraction),
-                      self.cfg.train.batch_size, seed=0, rank=self.topo.dp.rank, world=self.topo.dp.size)
+        device = next(self.model.parameters()).device
         self.model.eval()
-        losses = [self._global_losses(self.model(*val.get_batch(i)))[0] for i in range(batches)]
+        losses = []
+        for i in range(batches):
+            x, y = self._val_batcher.get_batch(i)
+            with self._autocast():
+                losses.append(self._global_losses(self.model(x.to(device), y.to(device)))[0])
         self.model.train()
         return sum(losses) / len(losses)
 
