@@ -11,3 +11,23 @@ _REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# `@pytest.mark.slow`: runs of minutes (e.g. every family config for 100 steps on 4 ranks), kept out of the
+# default suite so it stays under 10 minutes; `pytest --run-slow` (or `make test PYTEST_ARGS=--run-slow`) runs them.
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (minutes each)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes-long run, skipped unless pytest is given --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    import pytest
+    skip = pytest.mark.skip(reason="slow: pass --run-slow to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
