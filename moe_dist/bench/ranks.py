@@ -103,6 +103,7 @@ def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
     step_s             wall time of every step (the first `warmup` are excluded from medians by the callers)
     lm_loss, drop_fraction   per step, global over ranks (from the trainer's StepResult)
     a2a_rows_out       per step, rows this rank sent to other EP ranks (all MoE layers, forward dispatch)
+    a2a_calls          per step, calls of dist.all_to_all_single (count exchanges included)
     a2a_s              per step, seconds inside dist.all_to_all_single (gloo blocks, so this includes the
                        wait for the slowest peer: the exposed communication time)
     kept_L, dropped_L  per MoE layer, assignments this rank kept / dropped, summed over steps: capacity is
@@ -139,8 +140,10 @@ def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
     # Patched only inside this spawned benchmark process, and restored before it returns.
     original = dist.all_to_all_single
     a2a_clock = [0.0]
+    a2a_calls = [0]
 
     def timed_all_to_all(*a, **k):
+        a2a_calls[0] += 1
         t0 = time.perf_counter()
         try:
             return original(*a, **k)
@@ -148,17 +151,19 @@ def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
             a2a_clock[0] += time.perf_counter() - t0
 
     dist.all_to_all_single = timed_all_to_all
-    out: dict[str, Any] = {"step_s": [], "lm_loss": [], "drop_fraction": [], "a2a_rows_out": [], "a2a_s": []}
+    out: dict[str, Any] = {"step_s": [], "lm_loss": [], "drop_fraction": [], "a2a_rows_out": [], "a2a_s": [],
+                           "a2a_calls": []}
     try:
         rss_before = rss_bytes()
         for step in range(steps):
-            a2a_clock[0] = 0.0
+            a2a_clock[0], a2a_calls[0] = 0.0, 0
             r = trainer.train_step(step)
             out["step_s"].append(r.seconds)
             out["lm_loss"].append(r.lm_loss)
             out["drop_fraction"].append(r.drop_fraction)
             out["a2a_rows_out"].append(r.a2a_rows_out)
             out["a2a_s"].append(a2a_clock[0])
+            out["a2a_calls"].append(a2a_calls[0])
     finally:
         dist.all_to_all_single = original
         for h in handles:

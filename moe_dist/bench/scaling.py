@@ -1,0 +1,347 @@
+"""`moe-dist bench scaling`: weak and strong scaling of the training step on gloo CPU ranks, for three layouts,
+then the same curves on 8–1024 GPUs from the alpha-beta model (`alpha_beta.py`).
+
+Layouts at N ranks (N=1 is the shared baseline: one process, no collective):
+    EP-only  tp=1, ep=N              (dense weights replicated, every expert on one rank)
+    EP×DP    tp=1, ep=N/2, edp=2     (N=2: plain DP)           GPU: ep=8 (one node), dp=N/8
+    TP×EP    tp=2, ep=N/2
+Weak scaling: each dp rank reads `--batch-per-rank`·tp sequences (tokens per rank fixed, a tp group shares its
+tokens) and the model has `--experts-per-rank`·ep experts (experts per rank fixed). Strong scaling: the
+global batch is `--batch-per-rank`·max(ranks) sequences and the config's expert count, whatever N.
+
+Measured per point: tokens/s (global batch / median step time), efficiency against linear — raw (N times the
+1-rank rate) and normalised by cores (min(N, cores) times it: each rank has one thread, so ranks beyond the
+cores share them; with 4 ranks on 2 cores the raw figure cannot exceed 50%) — all-to-all bytes per rank and
+the share of the step spent inside dist.all_to_all_single. The CPU model line is `alpha_beta.CpuFit`: the
+1-rank compute time scaled by the rank's FLOPs and by the core sharing, plus alpha-beta fitted to the
+measured all-to-all times; it is drawn solid over measured ranks and dashed beyond.
+The GPU panels use the shapes of `--gpu-config` (Mixtral 8x7B) with the named link and TFLOP/s inputs and
+mark the published Megatron-core figure for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+LAYOUTS = ("EP-only", "EP×DP", "TP×EP")
+# Megatron-core MoE README (NVIDIA/Megatron-LM, megatron/core/transformer/moe/README.md, MCore v0.9):
+# "468 TFLOPS for Mixtral 8X7B bf16 training" on H100. The README gives no layout; NVIDIA's Mixtral recipes
+# (Megatron-MoE-ModelZoo) train it on 64 H100s with EP=8 (TP=1, PP=4), which is the point we compare at.
+PUBLISHED = {"tflops_per_gpu": 468.0, "gpus": 64, "layout": "EP×DP",
+             "source": "NVIDIA/Megatron-LM megatron/core/transformer/moe/README.md (MCore v0.9): "
+                       "'468 TFLOPS for Mixtral 8X7B bf16 training' on H100; 64 GPUs, EP=8 per NVIDIA's recipe"}
+
+
+def layout(name: str, n: int) -> tuple[int, int]:
+    """(tp, ep) of a CPU layout at n ranks."""
+    if n == 1:
+        return 1, 1
+    if name == "EP-only":
+        return 1, n
+    if name == "EP×DP":
+        return 1, n // 2
+    if name == "TP×EP":
+        return 2, n // 2
+    raise ValueError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUTS)}")
+
+
+def gpu_layout(name: str, n: int, experts: int) -> tuple[int, int, int]:
+    """(tp, ep, num_experts) on n GPUs. EP-only and TP×EP keep one expert per GPU (experts scaled with ep:
+    Mixtral's shapes with more experts); EP×DP is Mixtral itself, ep = its 8 experts inside one node."""
+    if name == "EP-only":
+        return 1, n, n
+    if name == "EP×DP":
+        return 1, min(experts, n), experts
+    if name == "TP×EP":
+        return 2, n // 2, n // 2
+    raise ValueError(f"unknown layout {name!r}")
+
+
+def point_config(base, mode: str, name: str, n: int, args):
+    from moe_dist.bench.alpha_beta import with_layout
+    tp, ep = layout(name, n)
+    dp = n // tp
+    if mode == "weak":
+        return with_layout(base, tp=tp, ep=ep, batch_size=args.batch_per_rank * tp,
+                           num_experts=args.experts_per_rank * ep)
+    glob = args.batch_per_rank * max(args.ranks)
+    return with_layout(base, tp=tp, ep=ep, batch_size=glob // dp)
+
+
+def measure(cfg, n: int, steps: int, warmup: int) -> dict[str, Any]:
+    from moe_dist.bench.ranks import run_ranks, train_and_measure
+    res = run_ranks(train_and_measure, n, cfg, steps, warmup)
+    timed = range(min(warmup, steps - 1), steps)
+    step_s = statistics.median(max(r["step_s"][i] for r in res) for i in timed)
+    a2a_s = statistics.median(statistics.mean(r["a2a_s"][i] for r in res) for i in timed)
+    rows = statistics.mean(statistics.mean(r["a2a_rows_out"][i] for i in timed) for r in res)
+    calls = statistics.mean(r["a2a_calls"][-1] for r in res)
+    tokens = cfg.train.batch_size * cfg.train.seq_len * res[0]["dp"]
+    fwd_bytes = rows * cfg.model.dim * 4
+    return {"ranks": n, "tp": cfg.parallel.tp, "ep": cfg.parallel.ep, "dp": res[0]["dp"],
+            "num_experts": cfg.moe.num_experts, "batch_per_dp_rank": cfg.train.batch_size,
+            "step_s": step_s, "tokens_per_s": tokens / step_s, "a2a_s": a2a_s, "a2a_share": a2a_s / step_s,
+            "a2a_calls_per_step": calls, "a2a_dispatch_bytes_per_rank": fwd_bytes,
+            "a2a_bytes_per_rank_step": 4 * fwd_bytes,      # dispatch + combine, forward + backward
+            "peak_rss_mib": max(r["peak_rss"] for r in res) / 2**20}
+
+
+def cpu_model(points: dict[str, list[dict]], base_cfg_for, cores: int, extra_ranks: list[int]):
+    """Fit `CpuFit` to one mode's points and return (fit, {layout: [(n, modelled tokens/s)]})."""
+    from moe_dist.bench.alpha_beta import CpuFit, fit_alpha_beta, flops_per_rank
+    from moe_dist.parallel.topology import ParallelDims
+    from moe_dist.plan import alltoall_rows_per_layer
+    from moe_dist.models.gpt import is_moe_layer
+    one = points[LAYOUTS[0]][0]
+    cfg1 = base_cfg_for("EP-only", 1)
+    f1 = sum(flops_per_rank(cfg1, ParallelDims(world=1)).values())
+    multi = [p for ps in points.values() for p in ps if p["ep"] > 1]
+    alpha, beta = fit_alpha_beta([(p["a2a_calls_per_step"], p["a2a_bytes_per_rank_step"], p["a2a_s"])
+                                  for p in multi])
+    fit = CpuFit(one["step_s"], cores, alpha, beta)
+    calls_per_moe_layer = (statistics.mean(p["a2a_calls_per_step"] for p in multi) /
+                           sum(is_moe_layer(cfg1.model, i) for i in range(cfg1.model.n_layers))) if multi else 0
+    lines = {}
+    for name, ps in points.items():
+        ns = sorted({p["ranks"] for p in ps} | set(extra_ranks))
+        line = []
+        for n in ns:
+            try:
+                cfg = base_cfg_for(name, n)
+                dims = ParallelDims.create(n, cfg.parallel.tp, cfg.parallel.ep, 1, cfg.moe.num_experts)
+            except ValueError:
+                continue
+            work = sum(flops_per_rank(cfg, dims).values()) / f1
+            n_moe = sum(is_moe_layer(cfg.model, i) for i in range(cfg.model.n_layers))
+            byts = 4 * n_moe * alltoall_rows_per_layer(cfg, dims)["sent"] * cfg.model.dim * 4
+            calls = calls_per_moe_layer * n_moe if dims.ep > 1 else 0
+            step = fit.step(n, work, calls, byts)
+            line.append((n, cfg.train.batch_size * cfg.train.seq_len * dims.dp / step))
+        lines[name] = line
+    return fit, lines
+
+
+def gpu_curves(gcfg, args, net, comp) -> dict[str, dict[str, list[dict]]]:
+    from moe_dist.bench.alpha_beta import estimate, with_layout
+    from moe_dist.parallel.topology import ParallelDims
+    out: dict[str, dict[str, list[dict]]] = {"weak": {}, "strong": {}}
+    E = gcfg.moe.num_experts
+    for mode in ("weak", "strong"):
+        for name in LAYOUTS:
+            rows = []
+            for n in args.gpus:
+                tp, ep, experts = gpu_layout(name, n, E)
+                dp = n // tp
+                if mode == "weak":
+                    batch = gcfg.train.batch_size * tp        # sequences per dp rank: tokens per GPU fixed
+                else:
+                    if args.gpu_global_batch % dp:
+                        continue
+                    batch = args.gpu_global_batch // dp
+                    experts = E if name == "EP×DP" else experts
+                try:
+                    cfg = with_layout(gcfg, tp=tp, ep=ep, batch_size=batch, num_experts=experts)
+                    dims = ParallelDims.create(n, tp, ep, 1, experts)
+                except ValueError:
+                    continue
+                e = estimate(cfg, dims, net, comp, overlap_dp=not args.no_dp_overlap)
+                rows.append({"gpus": n, "tp": tp, "ep": ep, "dp": dims.dp, "num_experts": experts,
+                             "batch_per_dp_rank": batch, "step_s": e.step_s, "compute_s": e.compute_s,
+                             "alltoall_s": e.alltoall_s, "dp_allreduce_exposed_s": e.dp_allreduce_s,
+                             "tokens_per_s_per_gpu": e.tokens_per_s_per_gpu, "tflops_per_gpu": e.tflops_per_gpu,
+                             "alltoall_share": e.alltoall_share})
+            out[mode][name] = rows
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/tiny-cpu.yaml", help="model measured on the CPU ranks")
+    p.add_argument("--ranks", default="1,2,4", help="CPU rank counts (must start at 1)")
+    p.add_argument("--batch-per-rank", type=int, default=4, help="sequences per rank (weak); strong: global "
+                   "batch = this × max ranks")
+    p.add_argument("--experts-per-rank", type=int, default=4, help="weak scaling: experts = this × ep")
+    p.add_argument("--steps", type=int, default=None, help="steps per point (default 8, --quick 3)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gpu-config", default="configs/mixtral-8x7b.yaml", help="shapes for the GPU extrapolation")
+    p.add_argument("--gpus", default="8,16,32,64,128,256,512,1024")
+    p.add_argument("--gpu-global-batch", type=int, default=1024, help="strong scaling on GPUs: sequences")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--intra-gbps", type=float, default=450.0, help="GB/s per GPU one way (H100 NVLink 4)")
+    p.add_argument("--inter-gbps", type=float, default=50.0, help="GB/s per GPU one way (400 Gb/s InfiniBand)")
+    p.add_argument("--intra-latency-us", type=float, default=3.0)
+    p.add_argument("--inter-latency-us", type=float, default=10.0)
+    p.add_argument("--expert-tflops", type=float, default=600.0, help="H100 bf16 grouped GEMM, Mixtral shapes")
+    p.add_argument("--dense-tflops", type=float, default=720.0, help="H100 bf16 dense GEMM")
+    p.add_argument("--no-dp-overlap", action="store_true", help="count the DP gradient all-reduce as exposed")
+    p.add_argument("--quick", action="store_true", help="small model, ranks 1,2, 3 steps: a smoke run")
+    p.add_argument("--out", default=None, help="output path without suffix (default benchmarks/results/scaling_cpu)")
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    from moe_dist.config import ConfigError
+    try:
+        vals = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise ConfigError(f"{flag}={text!r}: write a comma list of integers, e.g. 1,2,4") from None
+    if not vals or vals[0] < 1:
+        raise ConfigError(f"{flag}={text!r}: counts must be >= 1")
+    return vals
+
+
+def run(args: argparse.Namespace) -> int:
+    from moe_dist import config
+    from moe_dist.bench.alpha_beta import Compute, Network, model_flops_per_token
+    from moe_dist.bench.report import RESULTS_DIR, machine_info, machine_note, write_result
+    from moe_dist.bench.tune_capacity import QUICK_OVERRIDES
+    args.ranks = _ints("1,2" if args.quick and args.ranks == "1,2,4" else args.ranks, "--ranks")
+    args.gpus = _ints(args.gpus, "--gpus")
+    if args.ranks[0] != 1:
+        raise config.ConfigError(f"--ranks={args.ranks}: the list must start at 1 (the baseline of every curve)")
+    bad = [n for n in args.ranks[1:] if n % 2]
+    if bad:
+        raise config.ConfigError(f"--ranks: {bad} are odd; EP×DP and TP×EP split ranks in halves, use even counts")
+    steps = args.steps if args.steps is not None else (3 if args.quick else 8)
+    if args.warmup >= steps:
+        raise config.ConfigError(f"--warmup={args.warmup} leaves no timed step of --steps={steps}")
+    base = config.load(args.config, QUICK_OVERRIDES if args.quick else [])
+    if not Path(base.data.path).is_file():
+        raise config.ConfigError(f"data.path={base.data.path} does not exist; make it with "
+                                 f"`moe-dist prepare-data --out {base.data.path}`")
+    gcfg = config.load(args.gpu_config)
+    net = Network(gpus_per_node=args.gpus_per_node, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps,
+                  intra_latency_us=args.intra_latency_us, inter_latency_us=args.inter_latency_us)
+    comp = Compute(expert_tflops=args.expert_tflops, dense_tflops=args.dense_tflops)
+    info0 = machine_info()
+    cores = info0["cpus_usable"] or info0["cpu_count"]
+    print(f"bench scaling: {args.config}{' (quick)' if args.quick else ''} on {args.ranks} gloo ranks, 1 thread "
+          f"each, {cores} usable cores{' — OVERSUBSCRIBED above ' + str(cores) + ' ranks' if max(args.ranks) > cores else ''}",
+          flush=True)
+
+    measured: dict[str, dict[str, list[dict]]] = {}
+    models: dict[str, Any] = {}
+    for mode in ("weak", "strong"):
+        measured[mode] = {name: [] for name in LAYOUTS}
+        baseline = None
+        for name in LAYOUTS:
+            for n in args.ranks:
+                if n == 1 and baseline is not None:
+                    measured[mode][name].append(baseline)       # the shared 1-rank point
+                    continue
+                cfg = point_config(base, mode, name, n, args)
+                config.validate(cfg)
+                pt = measure(cfg, n, steps, args.warmup)
+                if n == 1:
+                    baseline = pt
+                measured[mode][name].append(pt)
+                print(f"  {mode:6s} {name:8s} N={n}: {pt['tokens_per_s']:9,.0f} tok/s  step {pt['step_s'] * 1e3:7.1f} ms"
+                      f"  a2a {pt['a2a_share']:5.1%} of the step, {pt['a2a_bytes_per_rank_step'] / 1024:7.0f} KiB/rank",
+                      flush=True)
+        for name, pts in measured[mode].items():
+            t1 = pts[0]["tokens_per_s"]
+            for p in pts:
+                p["efficiency_raw"] = p["tokens_per_s"] / (p["ranks"] * t1)
+                p["efficiency_per_core"] = p["tokens_per_s"] / (min(p["ranks"], cores) * t1)
+                p["oversubscribed"] = p["ranks"] > cores
+        fit, lines = cpu_model(measured[mode], lambda nm, n, m=mode: point_config(base, m, nm, n, args), cores,
+                               [2 * max(args.ranks)])
+        models[mode] = {"compute_1rank_s": fit.compute_1, "cores": fit.cores, "alpha_s_per_call": fit.alpha_s,
+                        "beta_bytes_per_s": fit.beta_bytes_per_s,
+                        "lines": {k: [{"ranks": n, "tokens_per_s": v} for n, v in line] for k, line in lines.items()}}
+        for name, pts in measured[mode].items():
+            model_at = dict(lines[name])
+            for p in pts:
+                p["model_tokens_per_s"] = model_at.get(p["ranks"])
+                p["model_error"] = (model_at[p["ranks"]] / p["tokens_per_s"] - 1) if p["ranks"] in model_at else None
+
+    gpu = gpu_curves(gcfg, args, net, comp)
+    fpt = model_flops_per_token(gcfg)
+    at = next((r for r in gpu["weak"][PUBLISHED["layout"]] if r["gpus"] == PUBLISHED["gpus"]), None)
+    comparison = dict(PUBLISHED, model_flops_per_token=fpt,
+                      published_tokens_per_s_per_gpu=PUBLISHED["tflops_per_gpu"] * 1e12 / fpt,
+                      model_tflops_per_gpu=at["tflops_per_gpu"] if at else None,
+                      relative_error=(at["tflops_per_gpu"] / PUBLISHED["tflops_per_gpu"] - 1) if at else None,
+                      not_modelled="pipeline bubble (PP=4 in the recipe), attention/norm/permute kernels below the "
+                                   "GEMM throughputs, all-to-all/compute overlap, load imbalance, recompute")
+    if at:
+        print(f"GPU model vs published: Mixtral 8x7B on {PUBLISHED['gpus']} H100, EP=8: model "
+              f"{at['tflops_per_gpu']:.0f} TFLOPS/GPU vs {PUBLISHED['tflops_per_gpu']:.0f} published "
+              f"({comparison['relative_error']:+.0%})")
+
+    out = Path(args.out) if args.out else RESULTS_DIR / ("scaling_cpu_quick" if args.quick else "scaling_cpu")
+    info = machine_info()
+    payload = {
+        "command": "bench scaling", "config": args.config, "quick": args.quick, "steps": steps,
+        "warmup": args.warmup, "ranks": args.ranks, "batch_per_rank": args.batch_per_rank,
+        "experts_per_rank": args.experts_per_rank, "threads_per_rank": 1, "cores": cores,
+        "oversubscribed": max(args.ranks) > cores,
+        "oversubscription_note": f"each rank runs 1 intra-op thread; {cores} usable cores, so runs with more "
+                                 f"ranks than cores time-share them (and share them with other users: see the "
+                                 f"load average). efficiency_raw = tokens/s / (N·tokens/s at 1 rank); "
+                                 f"efficiency_per_core divides by min(N, cores) instead.",
+        "a2a_time_method": "seconds inside dist.all_to_all_single per step (gloo blocks, so it includes waiting "
+                           "for the slowest peer), mean over ranks, median over timed steps",
+        "measured": measured, "cpu_model": models,
+        "gpu_model": {"config": args.gpu_config, "network": dataclasses.asdict(net),
+                      "compute": {"expert_tflops": comp.expert_tflops, "dense_tflops": comp.dense_tflops},
+                      "dp_allreduce_overlapped": not args.no_dp_overlap, "curves": gpu},
+        "published_comparison": comparison,
+    }
+    write_result(out.with_suffix(".json"), payload)
+    note = (f"CPU: gloo, 1 thread/rank, {cores} cores" + (f" — {max(args.ranks)} ranks OVERSUBSCRIBE them" if
+            max(args.ranks) > cores else "") + f"; {machine_note(info)}. GPU: alpha-beta model, "
+            f"NVLink {net.intra_gbps:g} GB/s, IB {net.inter_gbps:g} GB/s, {comp.expert_tflops:g}/{comp.dense_tflops:g} "
+            f"TFLOP/s expert/dense.")
+    plot(measured, models, gpu, comparison, out.with_suffix(".png"), note, cores, args)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return 0
+
+
+def plot(measured, models, gpu, comparison, path: Path, note: str, cores: int, args) -> Path:
+    from moe_dist.bench.report import figure, save_figure
+    fig, ax = figure(2, 2, width=6.0, height=4.2)
+    colors = dict(zip(LAYOUTS, ("tab:blue", "tab:orange", "tab:green")))
+    top = max(args.ranks)
+    for col, mode in enumerate(("weak", "strong")):
+        a = ax[0, col]
+        for name in LAYOUTS:
+            pts = measured[mode][name]
+            a.plot([p["ranks"] for p in pts], [p["tokens_per_s"] for p in pts], "o", color=colors[name],
+                   label=f"{name} measured")
+            line = [(d["ranks"], d["tokens_per_s"]) for d in models[mode]["lines"][name]]
+            inside = [(n, v) for n, v in line if n <= top]
+            beyond = [(n, v) for n, v in line if n >= top]
+            if inside:
+                a.plot(*zip(*inside), "-", color=colors[name], lw=1)
+            if len(beyond) > 1:
+                a.plot(*zip(*beyond), "--", color=colors[name], lw=1)
+        t1 = measured[mode][LAYOUTS[0]][0]["tokens_per_s"]
+        xs = sorted({d["ranks"] for line in models[mode]["lines"].values() for d in line})
+        a.plot(xs, [t1 * n for n in xs], ":", color="0.6", label="linear")
+        a.plot(xs, [t1 * min(n, cores) for n in xs], "-.", color="0.75", label=f"linear in cores ({cores})")
+        if top > cores:
+            a.axvspan(cores, max(xs), color="0.92", zorder=0)
+            a.text(cores, a.get_ylim()[1] * 0.95, " oversubscribed", fontsize=7, va="top", color="0.4")
+        a.set_xscale("log", base=2)
+        a.set_xticks(xs, [str(n) for n in xs])
+        a.set_xlabel("CPU ranks (gloo, 1 thread each)")
+        a.set_ylabel("tokens/s")
+        a.set_title(f"{mode} scaling, CPU: points measured, line model (dashed: extrapolated)", fontsize=9)
+        a.legend(fontsize=7)
+        g = ax[1, col]
+        for name in LAYOUTS:
+            rows = gpu[mode][name]
+            g.plot([r["gpus"] for r in rows], [r["tflops_per_gpu"] for r in rows], "--", color=colors[name],
+                   label=f"{name} (model)")
+        if mode == "weak" and comparison.get("model_tflops_per_gpu"):
+            g.plot([comparison["gpus"]], [comparison["tflops_per_gpu"]], "*", ms=12, color="black",
+                   label=f"Megatron-core published ({comparison['relative_error']:+.0%} model error)")
+        g.set_xscale("log", base=2)
+        g.set_xlabel("H100 GPUs (model only, no GPU measurement)")
+        g.set_ylabel("model TFLOPS per GPU")
+        g.set_ylim(bottom=0)
+        g.set_title(f"{mode} scaling, {Path(args.gpu_config).stem}, alpha-beta extrapolation", fontsize=9)
+        g.legend(fontsize=7)
+    return save_figure(fig, path, note)
