@@ -149,6 +149,17 @@ class _SavePlanner(DefaultSavePlanner):
 
 
 class _LoadPlanner(DefaultLoadPlanner):
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        # The default first maps every value through `_init_state_dict` (for meta-device tensors), which turns
+        # objects it does not know, our ShardViews, into None. Our values are real tensors: nothing to init.
+        if self.flatten_state_dict or self.flatten_sharded_tensors:
+            raise ValueError("checkpoint state dicts are flat; build _LoadPlanner with flatten_state_dict=False, "
+                             "flatten_sharded_tensors=False")
+        self.original_state_dict = state_dict
+        self.state_dict = state_dict
+        self.metadata = metadata
+        self.is_coordinator = is_coordinator
+
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         obj = self.state_dict[index.fqn]
         if isinstance(obj, ShardView):
@@ -221,7 +232,7 @@ def layout_of(topo: Topology) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------- save
 
 def _world_pg(topo: Topology):
-    return topo.world.handle if topo.is_distributed else None
+    return topo.world.handle
 
 
 @contextlib.contextmanager
@@ -234,7 +245,7 @@ def _quiet_single_process():
 
 def broadcast_from_rank0(obj: Any, topo: Topology) -> Any:
     """Rank 0's value on every rank (a collective over the world)."""
-    if not topo.is_distributed:
+    if topo.world.handle is None:          # one process (or a virtual layout without process groups)
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=topo.world.handle)
@@ -279,7 +290,7 @@ def save(root: str | Path, step: int, model, optimizer, cfg: Config, topo: Topol
     state = state_for_dcp(model, optimizer, topo)
     with _quiet_single_process():
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1),
-                 planner=_SavePlanner(flatten_state_dict=False), process_group=_world_pg(topo))
+                 planner=_SavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False), process_group=_world_pg(topo))
     # dcp.save returns on every rank only after rank 0 has written .metadata: all files are in place.
     if topo.rank == 0:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
@@ -299,7 +310,7 @@ def save(root: str | Path, step: int, model, optimizer, cfg: Config, topo: Topol
 
 
 def _barrier(topo: Topology) -> None:
-    if topo.is_distributed:
+    if topo.world.handle is not None:
         dist.barrier(group=topo.world.handle)
 
 
@@ -409,7 +420,7 @@ def load(path: Path, meta: dict[str, Any], model, optimizer, topo: Topology) -> 
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} entries this model needs, e.g. "
                               f"{missing[0]}; it was saved by a different model or version")
     with _quiet_single_process():
-        dcp.load(state, storage_reader=reader, planner=_LoadPlanner(flatten_state_dict=False),
+        dcp.load(state, storage_reader=reader, planner=_LoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
                  process_group=_world_pg(topo))
     restored = f"rng.cpu.{topo.rank}" in state
     if restored:
