@@ -95,7 +95,7 @@ def cpu_model(points: dict[str, list[dict]], base_cfg_for, cores: int, extra_ran
     from moe_dist.parallel.topology import ParallelDims
     from moe_dist.plan import alltoall_rows_per_layer
     from moe_dist.models.gpt import is_moe_layer
-    one = points[LAYOUTS[0]][0]
+    one = next(iter(points.values()))[0]
     cfg1 = base_cfg_for("EP-only", 1)
     f1 = sum(flops_per_rank(cfg1, ParallelDims(world=1)).values())
     multi = [p for ps in points.values() for p in ps if p["ep"] > 1]
@@ -176,6 +176,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-tflops", type=float, default=600.0, help="H100 bf16 grouped GEMM, Mixtral shapes")
     p.add_argument("--dense-tflops", type=float, default=720.0, help="H100 bf16 dense GEMM")
     p.add_argument("--no-dp-overlap", action="store_true", help="count the DP gradient all-reduce as exposed")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="subset of " + ", ".join(LAYOUTS))
+    p.add_argument("--modes", default="weak,strong", help="weak, strong or both")
     p.add_argument("--quick", action="store_true", help="small model, ranks 1,2, 3 steps: a smoke run")
     p.add_argument("--out", default=None, help="output path without suffix (default benchmarks/results/scaling_cpu)")
 
@@ -203,6 +205,12 @@ def run(args: argparse.Namespace) -> int:
     bad = [n for n in args.ranks[1:] if n % 2]
     if bad:
         raise config.ConfigError(f"--ranks: {bad} are odd; EP×DP and TP×EP split ranks in halves, use even counts")
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    modes = [x.strip() for x in args.modes.split(",") if x.strip()]
+    if not layouts or set(layouts) - set(LAYOUTS):
+        raise config.ConfigError(f"--layouts={args.layouts!r}: choose from {', '.join(LAYOUTS)}")
+    if not modes or set(modes) - {"weak", "strong"}:
+        raise config.ConfigError(f"--modes={args.modes!r}: choose weak, strong or weak,strong")
     steps = args.steps if args.steps is not None else (3 if args.quick else 8)
     if args.warmup >= steps:
         raise config.ConfigError(f"--warmup={args.warmup} leaves no timed step of --steps={steps}")
@@ -222,10 +230,10 @@ def run(args: argparse.Namespace) -> int:
 
     measured: dict[str, dict[str, list[dict]]] = {}
     models: dict[str, Any] = {}
-    for mode in ("weak", "strong"):
-        measured[mode] = {name: [] for name in LAYOUTS}
+    for mode in modes:
+        measured[mode] = {name: [] for name in layouts}
         baseline = None
-        for name in LAYOUTS:
+        for name in layouts:
             for n in args.ranks:
                 if n == 1 and baseline is not None:
                     measured[mode][name].append(baseline)       # the shared 1-rank point
@@ -301,12 +309,12 @@ def run(args: argparse.Namespace) -> int:
 
 def plot(measured, models, gpu, comparison, path: Path, note: str, cores: int, args) -> Path:
     from moe_dist.bench.report import figure, save_figure
-    fig, ax = figure(2, 2, width=6.0, height=4.2)
+    fig, ax = figure(2, len(measured), width=6.0, height=4.2)
     colors = dict(zip(LAYOUTS, ("tab:blue", "tab:orange", "tab:green")))
     top = max(args.ranks)
-    for col, mode in enumerate(("weak", "strong")):
+    for col, mode in enumerate(measured):
         a = ax[0, col]
-        for name in LAYOUTS:
+        for name in measured[mode]:
             pts = measured[mode][name]
             a.plot([p["ranks"] for p in pts], [p["tokens_per_s"] for p in pts], "o", color=colors[name],
                    label=f"{name} measured")
@@ -317,7 +325,7 @@ def plot(measured, models, gpu, comparison, path: Path, note: str, cores: int, a
                 a.plot(*zip(*inside), "-", color=colors[name], lw=1)
             if len(beyond) > 1:
                 a.plot(*zip(*beyond), "--", color=colors[name], lw=1)
-        t1 = measured[mode][LAYOUTS[0]][0]["tokens_per_s"]
+        t1 = next(iter(measured[mode].values()))[0]["tokens_per_s"]
         xs = sorted({d["ranks"] for line in models[mode]["lines"].values() for d in line})
         a.plot(xs, [t1 * n for n in xs], ":", color="0.6", label="linear")
         a.plot(xs, [t1 * min(n, cores) for n in xs], "-.", color="0.75", label=f"linear in cores ({cores})")

@@ -1,0 +1,133 @@
+"""moe-dist bench scaling: the alpha-beta model's arithmetic, its FLOP count against an independent formula,
+its byte counts against `moe-dist plan`, and one measured run on 2 gloo ranks whose all-to-all bytes equal
+the plan's (balanced routing) and whose JSON and PNG are written."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from moe_dist import config
+from moe_dist.bench import alpha_beta as ab
+from moe_dist.bench import scaling
+from moe_dist.models.gpt import is_moe_layer
+from moe_dist.parallel.topology import ParallelDims
+from moe_dist.plan import alltoall_rows_per_layer, param_counts
+from moe_dist.train.data import prepare
+
+NET = ab.Network()
+
+
+def test_alltoall_splits_bytes_between_nvlink_and_infiniband():
+    b = 7e9
+    # 8 ranks in one node: everything over NVLink.
+    assert ab.alltoall_seconds(b, ep=8, tp=1, net=NET) == pytest.approx(3e-6 + b / 450e9)
+    # 16 ranks over two nodes: 7 of 15 peers on the node, 8 off it; the NIC share is the bottleneck.
+    per_peer = b / 15
+    assert ab.alltoall_seconds(b, ep=16, tp=1, net=NET) == pytest.approx(10e-6 + 8 * per_peer / 50e9)
+    # tp=2 spreads an ep group of 8 over two nodes (ranks 0,2,..,14): 4 peers per node.
+    assert ab.alltoall_seconds(b, ep=8, tp=2, net=NET) == pytest.approx(10e-6 + 4 * (b / 7) / 50e9)
+    assert ab.alltoall_seconds(b, ep=1, tp=1, net=NET) == 0.0
+    # Ring all-reduce over 4 ranks of one node.
+    assert ab.allreduce_seconds(1e9, 4, 1, NET) == pytest.approx(6 * 3e-6 + 1.5e9 / 450e9)
+
+
+def test_flops_match_six_times_active_weights_plus_attention():
+    cfg = config.load("configs/mixtral-8x7b.yaml")
+    m, t = cfg.model, cfg.train
+    active = param_counts(cfg, ParallelDims(world=1)).active
+    want = 6 * (active - m.vocab_size * m.dim) + 12 * m.n_layers * t.seq_len * m.dim
+    assert ab.model_flops_per_token(cfg) == pytest.approx(want, rel=1e-12)
+    assert 70e9 < want < 95e9           # Mixtral 8x7B: 12.9B active -> ~77 GFLOP + attention
+
+
+def test_estimate_uses_the_plans_bytes_and_the_named_throughputs():
+    cfg = ab.with_layout(config.load("configs/mixtral-8x7b.yaml"), ep=8)
+    dims = ParallelDims.create(64, 1, 8, 1, 8)
+    e = ab.estimate(cfg, dims)
+    n_moe = sum(is_moe_layer(cfg.model, i) for i in range(cfg.model.n_layers))
+    sent = alltoall_rows_per_layer(cfg, dims)["sent"] * cfg.model.dim * 2          # bf16
+    assert e.alltoall_s == pytest.approx(4 * n_moe * ab.alltoall_seconds(sent, 8, 1, NET))
+    f = ab.flops_per_rank(cfg, dims)
+    assert e.compute_s == pytest.approx(f["dense"] / 720e12 + f["experts"] / 600e12)
+    # Doubling every throughput halves compute; the all-to-all does not change.
+    fast = ab.estimate(cfg, dims, comp=ab.Compute(expert_tflops=1200, dense_tflops=1440))
+    assert fast.compute_s == pytest.approx(e.compute_s / 2) and fast.alltoall_s == e.alltoall_s
+    # Never above the GEMM throughputs; the exposed DP all-reduce only slows it down.
+    assert e.tflops_per_gpu < 720
+    assert ab.estimate(cfg, dims, overlap_dp=False).step_s > e.step_s
+    # Crossing nodes with the all-to-all (EP over 64 GPUs) costs more than staying inside one.
+    wide = ab.estimate(ab.with_layout(cfg, ep=64, num_experts=64), ParallelDims.create(64, 1, 64, 1, 64))
+    assert wide.alltoall_share > 3 * e.alltoall_share
+
+
+def test_cpu_fit_recovers_alpha_beta_and_shares_cores():
+    alpha, beta = 2e-4, 5e8
+    pts = [(c, b, c * alpha + b / beta) for c, b in ((10, 1e6), (20, 4e6), (40, 3e6))]
+    a, bb = ab.fit_alpha_beta(pts)
+    assert a == pytest.approx(alpha) and bb == pytest.approx(beta)
+    fit = ab.CpuFit(compute_1=0.1, cores=2, alpha_s=alpha, beta_bytes_per_s=beta)
+    assert fit.step(2, 1.0, 0, 0) == pytest.approx(0.1)           # two ranks, two cores: no sharing
+    assert fit.step(4, 1.0, 0, 0) == pytest.approx(0.2)           # four ranks share two cores
+    assert fit.step(4, 0.5, 10, 1e6) == pytest.approx(0.1 + 10 * alpha + 1e6 / beta)
+
+
+@pytest.fixture(scope="module")
+def measured_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scaling")
+    tokens = tmp / "tok.bin"
+    prepare(None, tokens, max_bytes=200_000)
+    raw = {"model": {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32, "dense_hidden": 64},
+           "moe": {"num_experts": 8, "top_k": 2, "expert_hidden": 32, "force_balanced": True},
+           "train": {"seq_len": 32, "warmup_steps": 0, "out_dir": str(tmp / "run")},
+           "data": {"path": str(tokens)}}
+    cfg_path = tmp / "small.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    parser = argparse.ArgumentParser()
+    scaling.add_arguments(parser)
+    args = parser.parse_args(["--config", str(cfg_path), "--ranks", "1,2", "--layouts", "EP-only",
+                              "--modes", "weak", "--steps", "3", "--warmup", "1", "--batch-per-rank", "2",
+                              "--experts-per-rank", "2", "--out", str(tmp / "scaling")])
+    assert scaling.run(args) == 0
+    return json.loads((tmp / "scaling.json").read_text()), tmp, args, config.load(cfg_path)
+
+
+def test_measured_alltoall_bytes_equal_the_plan_and_outputs_are_written(measured_run):
+    res, tmp, args, base = measured_run
+    one, two = res["measured"]["weak"]["EP-only"]
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    # Weak scaling: experts = 2 x ep, tokens per rank fixed.
+    assert (one["num_experts"], two["num_experts"], two["batch_per_dp_rank"]) == (2, 4, 2)
+    assert one["a2a_bytes_per_rank_step"] == 0 and one["a2a_s"] == 0
+    cfg = scaling.point_config(base, "weak", "EP-only", 2, args)
+    sent = alltoall_rows_per_layer(cfg, ParallelDims.create(2, 1, 2, 1, 4))["sent"]
+    assert two["a2a_dispatch_bytes_per_rank"] == pytest.approx(2 * sent * 32 * 4)   # 2 MoE layers, fp32
+    assert 0 < two["a2a_share"] < 1 and two["tokens_per_s"] > 0
+    assert one["efficiency_raw"] == pytest.approx(1.0)
+    assert two["efficiency_per_core"] == pytest.approx(two["efficiency_raw"] * 2 / min(2, res["cores"]))
+    # The CPU model passes through the 1-rank point exactly (no communication there).
+    assert one["model_error"] == pytest.approx(0.0, abs=1e-9)
+    lines = res["cpu_model"]["weak"]["lines"]["EP-only"]
+    assert [d["ranks"] for d in lines] == [1, 2, 4]                 # 4: extrapolated beyond the measurement
+    assert res["published_comparison"]["tflops_per_gpu"] == 468.0
+    assert res["published_comparison"]["relative_error"] is not None
+    gpus = [r["gpus"] for r in res["gpu_model"]["curves"]["weak"]["EP×DP"]]
+    assert gpus == [8, 16, 32, 64, 128, 256, 512, 1024]
+    assert res["machine"]["cpu_count"] >= 1
+    assert (tmp / "scaling.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--ranks", "2,4"], "must start at 1"),
+    (["--ranks", "1,3"], "odd"),
+    (["--layouts", "EP-only,ZeRO"], "--layouts"),
+    (["--steps", "2", "--warmup", "2"], "--warmup=2 leaves no timed step"),
+])
+def test_bad_arguments_name_the_flag(flags, match):
+    parser = argparse.ArgumentParser()
+    scaling.add_arguments(parser)
+    with pytest.raises(config.ConfigError, match=match):
+        scaling.run(parser.parse_args(flags))
