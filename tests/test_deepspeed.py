@@ -29,14 +29,14 @@ STEPS = 3
 RTOL, ATOL = 1e-5, 1e-7
 
 
-def tiny(tmp: Path, data: Path, ep: int, stage: int, **moe) -> dict:
+def tiny(tmp: Path, data: Path, ep: int, stage: int, accum: int = 1, **moe) -> dict:
     return {
         "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 16, "dense_hidden": 64, "first_dense": 0},
         "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 32, "renormalize": True, "aux_loss_coef": 0.01,
                 "z_loss_coef": 0.001, "num_shared_experts": 1, "balance_over": "global_batch", **moe},
         "parallel": {"ep": ep},
         "train": {"batch_size": 2, "seq_len": 16, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1,
-                  "grad_clip": 0.05, "steps": STEPS, "engine": "deepspeed", "zero_stage": stage,
+                  "grad_clip": 0.05, "steps": STEPS, "grad_accum_steps": accum, "engine": "deepspeed", "zero_stage": stage,
                   "out_dir": str(tmp / "run")},
         "data": {"path": str(data)},
     }
@@ -62,20 +62,21 @@ def _both_engines(rank, world, raw):
     out = {}
     for name, cls in (("native", Trainer), ("deepspeed", DeepSpeedTrainer)):
         trainer = cls(cfg, topo=topo)
+        init = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         steps = [trainer.train_step(s) for s in range(STEPS)]
         out[name] = {"loss": [s.loss for s in steps], "lm": [s.lm_loss for s in steps],
-                     "aux": [s.aux_loss for s in steps], "norm": [s.grad_norm for s in steps],
+                     "aux": [s.aux_loss for s in steps], "z": [s.z_loss for s in steps], "norm": [s.grad_norm for s in steps],
                      "counts": [torch.stack(s.tokens_per_expert) for s in steps],
-                     "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+                     "init": init, "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
                      "buffers": {n: b.clone() for n, b in trainer.model.named_buffers() if "expert_bias" in n},
                      "val": trainer.evaluate(2)}
     return out
 
 
-def _check_parity(results):
+def _check_parity(results, move_tol: float = RTOL):
     for rank, r in enumerate(results):
         nat, ds = r["native"], r["deepspeed"]
-        for key in ("loss", "lm", "aux", "norm"):
+        for key in ("loss", "lm", "aux", "z", "norm"):
             torch.testing.assert_close(torch.tensor(ds[key], dtype=torch.float64),
                                        torch.tensor(nat[key], dtype=torch.float64), rtol=RTOL, atol=ATOL,
                                        msg=lambda m: f"rank {rank} {key}: {m}")
@@ -84,8 +85,17 @@ def _check_parity(results):
         for a, b in zip(ds["counts"], nat["counts"]):
             assert torch.equal(a, b)
         assert ds["params"].keys() == nat["params"].keys()
+        worst = max(float((ds["params"][n] - nat["params"][n]).abs().max()
+                          / (nat["params"][n] - nat["init"][n]).abs().max().clamp_min(1e-12)) for n in nat["params"])
+        print(f"rank {rank}: largest parameter difference / largest move of its tensor = {worst:.2e}")
         for name in nat["params"]:
-            torch.testing.assert_close(ds["params"][name], nat["params"][name], rtol=RTOL, atol=ATOL,
+            torch.testing.assert_close(ds["init"][name], nat["init"][name], rtol=0, atol=0)
+            # AdamW divides by sqrt(v) + eps: at elements whose gradient is near eps it turns fp32 rounding (another
+            # summation order of the reductions) into visible differences; the absolute floor is a fraction of the
+            # largest move of the tensor, so it still catches any update that went wrong.
+            moved = float((nat["params"][name] - nat["init"][name]).abs().max())
+            torch.testing.assert_close(ds["params"][name], nat["params"][name], rtol=RTOL,
+                                       atol=max(ATOL, move_tol * moved),
                                        msg=lambda m: f"rank {rank} {name}: {m}")
         for name in nat["buffers"]:
             torch.testing.assert_close(ds["buffers"][name], nat["buffers"][name], rtol=RTOL, atol=ATOL)
@@ -94,7 +104,20 @@ def _check_parity(results):
         assert nat["loss"][0] != nat["loss"][-1]
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_matches_native_ep2_on_2_ranks(tmp_path, tokens, stage):
-    results = run_ranks(_both_engines, 2, tiny(tmp_path, tokens, ep=2, stage=stage), timeout=300)
-    _check_parity(results)
+@pytest.mark.parametrize("stage,accum", [(1, 1), (2, 1), (2, 2), (0, 1)],
+                         ids=["zero1", "zero2", "zero2-accum2", "zero0"])
+def test_deepspeed_matches_native_ep2_on_2_ranks(tmp_path, tokens, stage, accum):
+    results = run_ranks(_both_engines, 2, tiny(tmp_path, tokens, ep=2, stage=stage, accum=accum), timeout=300)
+    # With accumulation ZeRO-2 reduces every micro-batch and sums the reduced gradients, the native trainer
+    # sums first and reduces once: the same gradient up to rounding (losses and norms still agree to 1e-5).
+    _check_parity(results, move_tol=RTOL if accum == 1 else 1e-4)
+
+
+def test_zero2_matches_native_ep2_dp2_on_4_ranks_with_expert_bias(tmp_path, tokens):
+    """EP=2 × EDP=2: expert gradients are reduced over {0,2} and {1,3}, dense ones over all four; the
+    DeepSeek-style router (sigmoid, expert bias updated from the global counts) must follow too."""
+    raw = tiny(tmp_path, tokens, ep=2, stage=2, score_func="sigmoid", expert_bias=True, aux_loss_type="seq",
+               bias_update_rate=0.01)
+    # Four ranks: reduce-scatter and all-reduce add the four partial gradients in different orders (with two
+    # the sum is exact either way), so the parameters agree to rounding, as with accumulation.
+    _check_parity(run_ranks(_both_engines, 4, raw, timeout=400), move_tol=1e-4)

@@ -32,7 +32,6 @@ from torch import nn
 
 from moe_dist.config import Config, ConfigError
 from moe_dist.models.gpt import MoEGPT, ModelOutput
-from moe_dist.parallel.comm import all_reduce_
 from moe_dist.parallel.grads import clip_gradients
 from moe_dist.parallel.topology import Topology
 from moe_dist.train.data import Batcher, TokenDataset
@@ -68,7 +67,9 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
         },
         # Our optimizer is torch.optim.AdamW (the native trainer's, same groups and betas): exact parity.
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": t.dtype == "bfloat16"},
+        # The native trainer autocasts to bf16 on a GPU only and trains fp32 on the CPU; so does this engine
+        # (DeepSpeed's bf16 keeps bf16 weights with fp32 master copies in the optimizer).
+        "bf16": {"enabled": t.dtype == "bfloat16" and torch.cuda.is_available()},
         "steps_per_print": 1 << 30,          # we log; DeepSpeed's own step log would repeat it
         "wall_clock_breakdown": False,
     }
@@ -216,7 +217,12 @@ class DeepSpeedTrainer(Trainer):
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-        # Trainer.__init__ is not called: it builds a torch optimizer that DeepSpeed would not own.
+        # Trainer.__init__ is not called: it builds a torch optimizer that DeepSpeed would not own. Trainer's
+        # class defaults leave native checkpoints off (checkpoint_root None) for this engine.
+        if cfg.train.on_nonfinite == "skip":
+            raise ConfigError("train.on_nonfinite=skip is not supported with train.engine=deepspeed (a ZeRO step "
+                              "cannot be withdrawn once gradients are reduced into partitions); use "
+                              "train.on_nonfinite=raise or train.engine=native")
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
         if topo.tp.size > 1 or topo.etp.size > 1:
@@ -251,51 +257,41 @@ class DeepSpeedTrainer(Trainer):
         _ensure_local_rank(topo)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, config=copy.deepcopy(self.ds_config),
                                                                  **kwargs)
-        self.wall_seconds = 0.0
 
     def train_step(self, step: int) -> StepResult:
         t0 = time.perf_counter()
+        t = self.cfg.train
         self.engine.train()
-        lr = lr_at(step, self.cfg.train)
+        lr = lr_at(step, t)
         if "scheduler" not in self.ds_config:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
-        gas = self.cfg.train.grad_accum_steps
         outs: list[ModelOutput] = []
-        for micro in range(gas):
-            # Micro-batch `micro` of optimizer step `step`: windows step·gas + micro of this dp rank.
-            x, y = self.batcher.get_batch(step * gas + micro)
-            out: ModelOutput = self.engine(x, y)
-            self.engine.backward(out.loss)      # DeepSpeed scales by 1/gas and reduces at the boundary
+        for micro in range(t.grad_accum_steps):
+            # Micro-batch i of step s reads window set s·accum + i, as the native trainer does.
+            x, y = self.batcher.get_batch(step * t.grad_accum_steps + micro)
+            out: ModelOutput = self.engine(x.to(self.engine.device), y.to(self.engine.device))
+            self.engine.backward(out.loss)      # DeepSpeed divides by accum, as the native trainer does
             outs.append(out)
+            if micro < t.grad_accum_steps - 1:
+                # DeepSpeed counts micro-batches in step(); off the boundary it neither clips nor updates.
+                self.engine.step()
         norm = None
         if self.zero_stage == 0:
             # Gradients are whole and reduced on every rank here; DeepSpeed's stage-0 clip would use a
             # per-rank norm, so the native global norm and rule apply.
-            norm = clip_gradients(self.model, self.topo, self.cfg.train.grad_clip)
-        lms, auxs = zip(*(self._global_losses(o) for o in outs))
-        lm, aux = sum(lms) / gas, sum(auxs) / gas
-        if not math.isfinite(lm + aux):
-            raise FloatingPointError(f"step {step}: loss is {lm + aux}; lower train.lr or check the data")
-        self.engine.step()
+            norm = clip_gradients(self.model, self.topo, t.grad_clip)
+        terms = [self._global_loss_terms(o) for o in outs]
+        lm, aux, z = (sum(col) / len(terms) for col in zip(*terms))
+        if not math.isfinite(lm + aux + z + (norm or 0.0)):
+            # on_nonfinite=skip is refused at construction, so this raises naming the router.
+            return self._nonfinite(step, outs, lm, aux, z, norm, lr, t0)
+        self.engine.step()                      # ZeRO: global norm, clip, AdamW on this rank's partition
         if norm is None:
-            norm = float(self.engine.get_global_grad_norm())   # ZeRO's global norm, computed in step()
+            norm = float(self.engine.get_global_grad_norm())   # host sync: computed in step() for the log
         counts, drop_fraction, leaving = self._expert_counts(outs)
-        return StepResult(step=step, loss=lm + aux, lm_loss=lm, aux_loss=aux, drop_fraction=drop_fraction,
-                          tokens_per_expert=counts, grad_norm=norm, lr=lr, seconds=time.perf_counter() - t0,
+        return StepResult(step=step, loss=lm + aux + z, lm_loss=lm, aux_loss=aux + z, z_loss=z,
+                          drop_fraction=drop_fraction, tokens_per_expert=counts, grad_norm=norm, lr=lr,
+                          seconds=time.perf_counter() - t0,
                           a2a_rows_out=sum(s.a2a_rows_out for o in outs for s in o.stats),
                           a2a_rows_leaving=leaving)
-
-    def _expert_counts(self, outs: list[ModelOutput]) -> tuple[list[torch.Tensor], float, int]:
-        """Per-expert kept counts over every rank's tokens (the bias rule and the load report see the global
-        batch), the drop fraction, and this rank's rows leaving for other EP ranks: the native trainer's."""
-        E = self.cfg.moe.num_experts
-        kept_dropped = sum(torch.stack([torch.stack([s.tokens_per_expert, s.dropped]) for s in o.stats])
-                           if o.stats else torch.zeros(0, 2, E, dtype=torch.long) for o in outs)
-        leaving = self._rows_leaving(kept_dropped[:, 0])
-        all_reduce_(kept_dropped, self.topo.world)
-        counts = list(kept_dropped[:, 0])
-        self.model.update_expert_bias(counts)
-        dropped = int(kept_dropped[:, 1].sum())
-        routed = dropped + int(kept_dropped[:, 0].sum())
-        return counts, dropped / routed if routed else 0.0, leaving
