@@ -2,7 +2,8 @@
 K top-k, E experts, N permuted rows.
 
 They are the semantics the Triton kernels must reproduce, and the implementation the CPU path uses:
-plain differentiable torch ops, so autograd gives every gradient.
+plain torch ops. permute/unpermute carry hand-written backwards (gathers only, no scatter-add; see
+_Permute/_Unpermute), tested against autograd through the naive formula in tests/test_reference_ops.py.
 
 Row order: assignments are grouped by expert; inside an expert, by token then by slot. Experts are
 numbered so that grouping by global expert id is also grouping by (destination EP rank, local expert).
@@ -22,6 +23,7 @@ class PermuteMap:
     counts_E: torch.Tensor      # int64 real (unpadded) rows per expert
     offsets_E: torch.Tensor     # int32 cumulative row ends per expert, padding included
     num_rows: int               # N
+    padded: bool = False        # some rows may be padding (src_N = -1): capacity or pad_multiple asked for
 
 
 def make_permute_map(indices_TK: torch.Tensor, num_experts: int, keep_TK: Optional[torch.Tensor] = None,
@@ -58,29 +60,100 @@ def make_permute_map(indices_TK: torch.Tensor, num_experts: int, keep_TK: Option
     num_rows = int(ends_E[-1]) if num_experts else 0
     src_N = torch.full((num_rows,), -1, dtype=torch.long, device=device)
     src_N[rows] = order // K
-    return PermuteMap(row_flat.view(T, K), src_N, counts_E, ends_E.to(torch.int32), num_rows)
+    return PermuteMap(row_flat.view(T, K), src_N, counts_E, ends_E.to(torch.int32), num_rows,
+                      padded=capacity is not None or pad_multiple > 1)
+
+
+def _gather_sum(y_NH: torch.Tensor, row_TK: torch.Tensor, w_TK: torch.Tensor, out_dtype: torch.dtype
+                ) -> torch.Tensor:
+    """out[t] = Σ_k w[t,k]·y[row(t,k)] with w already zero where row = -1; accumulates in w's dtype.
+    One [T,H] gather and one fused multiply-add per slot: no [T,K,H] temporary, no batched tiny GEMM."""
+    T, K = row_TK.shape
+    rows_TK = row_TK.clamp_min(0)
+    out = y_NH.index_select(0, rows_TK[:, 0]).to(w_TK.dtype).mul_(w_TK[:, :1])
+    for k in range(1, K):
+        out.addcmul_(y_NH.index_select(0, rows_TK[:, k]).to(w_TK.dtype), w_TK[:, k:k + 1])
+    return out.to(out_dtype)
+
+
+def _row_weights(pmap_row_TK: torch.Tensor, w_TK: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """w_N: the combine weight of every permuted row (0 for padding rows)."""
+    kept = pmap_row_TK.reshape(-1) >= 0
+    w_N = w_TK.new_zeros(num_rows)
+    w_N[pmap_row_TK.reshape(-1)[kept]] = w_TK.reshape(-1)[kept]
+    return w_N
+
+
+class _Permute(torch.autograd.Function):
+    """Forward is a row gather. Backward sums each token's K row gradients by gathering them
+    (dx[t] = Σ_k dy[row(t,k)]): autograd's index_select backward is an index_add, which on the CPU
+    runs one slice add per row."""
+
+    @staticmethod
+    def forward(ctx, x_TH, src_N, row_TK, padded):
+        ctx.save_for_backward(row_TK)
+        ctx.num_tokens = x_TH.shape[0]
+        if not padded:                                      # a pure gather
+            return x_TH.index_select(0, src_N)
+        if x_TH.shape[0] == 0:                              # only padding rows
+            return x_TH.new_zeros(src_N.shape[0], x_TH.shape[1])
+        out = x_TH.index_select(0, src_N.clamp_min(0))
+        return out.masked_fill_((src_N < 0).unsqueeze(1), 0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_NH):
+        (row_TK,) = ctx.saved_tensors
+        T, H = ctx.num_tokens, dy_NH.shape[1]
+        if dy_NH.shape[0] == 0 or T == 0:
+            return dy_NH.new_zeros(T, H), None, None, None
+        kept_TK = (row_TK >= 0).to(dy_NH.dtype)
+        return _gather_sum(dy_NH, row_TK, kept_TK, dy_NH.dtype), None, None, None
+
+
+class _Unpermute(torch.autograd.Function):
+    """y_TH[t] = Σ_k w[t,k]·y[row(t,k)]. Backward works per permuted row n of token t = src(n):
+    dy[n] = w_n·g[t] and dw_n = <g[t], y[n]>, both from one gather of g (rows are distinct, so no
+    scatter-add is needed)."""
+
+    @staticmethod
+    def forward(ctx, y_NH, row_TK, src_N, weights_TK):
+        w_TK = weights_TK * (row_TK >= 0)
+        ctx.save_for_backward(y_NH, row_TK, src_N, weights_TK)
+        T, K = row_TK.shape
+        if y_NH.shape[0] == 0 or T == 0:
+            return y_NH.new_zeros(T, y_NH.shape[1])
+        return _gather_sum(y_NH, row_TK, w_TK, y_NH.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_TH):
+        y_NH, row_TK, src_N, weights_TK = ctx.saved_tensors
+        N = y_NH.shape[0]
+        if N == 0 or row_TK.shape[0] == 0:
+            return torch.zeros_like(y_NH), None, None, torch.zeros_like(weights_TK)
+        w_N = _row_weights(row_TK, weights_TK.detach(), N)
+        g_NH = g_TH.index_select(0, src_N.clamp_min(0)).to(w_N.dtype)    # padding rows: w_N = 0 below
+        dy = dw = None
+        if ctx.needs_input_grad[0]:
+            dy = (g_NH * w_N.unsqueeze(1)).to(y_NH.dtype)
+        if ctx.needs_input_grad[3]:
+            dw_N = torch.linalg.vecdot(g_NH, y_NH.to(g_NH.dtype))     # padding rows: never read below
+            kept_TK = row_TK >= 0
+            dw = (dw_N.index_select(0, row_TK.clamp_min(0).reshape(-1)).view_as(row_TK) * kept_TK)
+            dw = dw.to(weights_TK.dtype)
+        return dy, None, None, dw
 
 
 def permute(x_TH: torch.Tensor, pmap: PermuteMap) -> torch.Tensor:
     """Rows grouped by expert; padding rows are zero."""
-    if pmap.num_rows == int(pmap.counts_E.sum()):        # no padding: a pure gather
-        return x_TH.index_select(0, pmap.src_N)
-    valid = pmap.src_N >= 0
-    out = x_TH.new_zeros(pmap.num_rows, x_TH.shape[1])
-    return out.index_copy(0, valid.nonzero().squeeze(1), x_TH.index_select(0, pmap.src_N[valid]))
+    return _Permute.apply(x_TH, pmap.src_N, pmap.row_TK, pmap.padded)
 
 
 def unpermute(y_NH: torch.Tensor, pmap: PermuteMap, weights_TK: torch.Tensor) -> torch.Tensor:
     """y_TH[t] = Σ_k w[t,k]·y[row(t,k)], dropped assignments contribute nothing. Accumulates in the
     weights' dtype (fp32 router weights), returns y's dtype."""
-    T, K = pmap.row_TK.shape
-    kept_TK = pmap.row_TK >= 0
-    rows = pmap.row_TK.clamp_min(0).reshape(-1)
-    H = y_NH.shape[1]
-    gathered = y_NH.index_select(0, rows).view(T, K, H) if y_NH.shape[0] else y_NH.new_zeros(T, K, H)
-    w_TK = weights_TK * kept_TK
-    out = torch.einsum("tkh,tk->th", gathered.to(w_TK.dtype), w_TK)
-    return out.to(y_NH.dtype)
+    return _Unpermute.apply(y_NH, pmap.row_TK, pmap.src_N, weights_TK)
 
 
 def grouped_gemm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
