@@ -133,7 +133,7 @@ RESUME_CASES = {2: {"ep2": tiny(1, 2, 1, jitter_eps=0.1)},
                 4: {"tp2_ep2": tiny(2, 2, 1, jitter_eps=0.1), "etp2_ep2": tiny(1, 2, 2, jitter_eps=0.1)}}
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_resume_is_bit_identical(world, corpus, tmp_path):
     cases = {n: {**r, "data": {"path": str(corpus)}} for n, r in RESUME_CASES[world].items()}
     results = run_ranks(_resume_worker, world, cases, str(tmp_path), timeout=300)
@@ -185,18 +185,18 @@ def _reshard_worker(rank, world, pairs, root, src_world2):
     return out
 
 
-def test_reshard_to_other_layouts(tmp_path):
-    """EP=2 (2 ranks) → EP=4; DP=4 → EP=2×DP=2; TP=2 → TP=1; ETP=2×EP=2 → EP=4; EP=4 → TP=2×EP=2."""
-    def lay(tp, ep, etp, world=4):
-        return tiny(tp, ep, etp, batch_size=G * tp // world, steps=6)
-    ep2_w2 = str(tmp_path / "ep2_w2")
-    ref_w2 = run_ranks(_save_then_continue, 2, lay(1, 2, 1, world=2), ep2_w2, timeout=200)[0]
-    pairs = {"ep2w2_to_ep4": (None, lay(1, 4, 1)),
-             "dp4_to_ep2dp2": (lay(1, 1, 1), lay(1, 2, 1)),
-             "tp2_to_tp1": (lay(2, 1, 1), lay(1, 1, 1)),
-             "etp2ep2_to_ep4": (lay(1, 2, 2), lay(1, 4, 1)),
-             "ep4_to_tp2ep2": (lay(1, 4, 1), lay(2, 2, 1))}
-    results = run_ranks(_reshard_worker, 4, pairs, str(tmp_path), ep2_w2, timeout=400)
+def _lay(tp, ep, etp, world=4):
+    return tiny(tp, ep, etp, batch_size=G * tp // world, steps=6)
+
+
+RESHARD = {"dp4_to_ep2dp2": (_lay(1, 1, 1), _lay(1, 2, 1)),
+           "tp2_to_tp1": (_lay(2, 1, 1), _lay(1, 1, 1)),
+           "etp2ep2_to_ep4": (_lay(1, 2, 2), _lay(1, 4, 1))}
+RESHARD_SLOW = {"ep2w2_to_ep4": (None, _lay(1, 4, 1)),          # saved on 2 ranks, loaded on 4
+                "ep4_to_tp2ep2": (_lay(1, 4, 1), _lay(2, 2, 1))}
+
+
+def _check_reshard(results, pairs, ref_w2=None):
     for name in pairs:
         r = results[0][name]
         ref = r["ref"] if r["ref"] is not None else ref_w2
@@ -206,6 +206,20 @@ def test_reshard_to_other_layouts(tmp_path):
             assert got == pytest.approx(want, rel=1e-5), name
         for other in results[1:]:
             assert other[name]["got"] == r["got"]                      # every rank logs the same global loss
+
+
+def test_reshard_to_other_layouts(tmp_path):
+    """DP=4 → EP=2×DP=2; TP=2 → TP=1; ETP=2×EP=2 → EP=4 (4 ranks): the continued losses match."""
+    _check_reshard(run_ranks(_reshard_worker, 4, RESHARD, str(tmp_path), "", timeout=400), RESHARD)
+
+
+@pytest.mark.slow
+def test_reshard_across_world_sizes(tmp_path):
+    """EP=2 on 2 ranks → EP=4 on 4 ranks; EP=4 → TP=2×EP=2."""
+    ep2_w2 = str(tmp_path / "ep2_w2")
+    ref_w2 = run_ranks(_save_then_continue, 2, _lay(1, 2, 1, world=2), ep2_w2, timeout=200)[0]
+    results = run_ranks(_reshard_worker, 4, RESHARD_SLOW, str(tmp_path), ep2_w2, timeout=400)
+    _check_reshard(results, RESHARD_SLOW, ref_w2)
 
 
 # -------------------------------------------------------------------------------------- corruption, shapes
