@@ -121,3 +121,26 @@ def test_zero2_matches_native_ep2_dp2_on_4_ranks_with_expert_bias(tmp_path, toke
     # Four ranks: reduce-scatter and all-reduce add the four partial gradients in different orders (with two
     # the sum is exact either way), so the parameters agree to rounding, as with accumulation.
     _check_parity(run_ranks(_both_engines, 4, raw, timeout=400), move_tol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch/deepspeed.sh: DeepSpeed's launcher starts 2 CPU processes running `moe-dist train`.
+
+def test_launcher_script_trains_tiny_cpu_on_2_processes(tmp_path, tokens):
+    from distributed import free_port
+    env = {**os.environ, "NUM_GPUS": "2", "EP": "2", "MASTER_PORT": str(free_port()),
+           "CONFIG": str(REPO / "configs" / "tiny-cpu.yaml"), "DS_ACCELERATOR": "cpu",
+           "VIRTUAL_ENV": str(Path(sys.executable).parent.parent), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    overrides = ["--train.steps=3", "--train.batch_size=2", "--train.seq_len=32", "--model.max_seq_len=32",
+                 "--model.n_layers=2", "--model.dim=64", "--model.dense_hidden=128", "--moe.expert_hidden=64",
+                 "--train.zero_stage=2", "--train.eval_batches=1", f"--data.path={tokens}",
+                 f"--train.out_dir={tmp_path / 'run'}"]
+    r = subprocess.run([str(REPO / "launch" / "deepspeed.sh"), *overrides], capture_output=True, text=True,
+                       timeout=400, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "world=2 dense: dp=2×tp=1  expert: edp=1×ep=2×etp=1" in r.stdout
+    assert r.stdout.count("moe-dist train:") == 1             # rank 0 alone reports
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "lm_loss" in row]
+    assert [row["step"] for row in steps] == [0, 1, 2]
+    assert all(row["a2a_rows_out"] == row["a2a_rows_leaving"] > 0 for row in steps)

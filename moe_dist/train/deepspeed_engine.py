@@ -234,6 +234,7 @@ class DeepSpeedTrainer(Trainer):
             TokenDataset(cfg.data.path, cfg.train.seq_len, "train", cfg.data.val_fraction),
             cfg.train.batch_size, cfg.train.seed, rank=topo.dp.rank, world=topo.dp.size)
         self.history = History()
+        self._stop_requested = False            # Trainer.fit's SIGTERM flag
         self.ds_config = deepspeed_config(cfg, topo.dp.size)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
 
