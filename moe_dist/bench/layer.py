@@ -182,6 +182,18 @@ def _deepspeed_layer(case: Case, dim: int, hidden: int, args, dtype, device):
     return layer
 
 
+def copy_weights_to_deepspeed(ds, ours) -> None:
+    """Give DeepSpeed's layer our router and expert weights: both then route every token alike and their
+    experts see the same loads, so the timing compares the implementations, not two routings."""
+    import torch
+    moe = ds.deepspeed_moe
+    with torch.no_grad():
+        moe.gate.wg.weight.copy_(ours.router.weight_ED)
+        for e, expert in enumerate(moe.experts.deepspeed_experts):
+            expert.w_in_DF2.copy_(ours.experts.w_in_EDF2[e])
+            expert.w_out_FD.copy_(ours.experts.w_out_EFD[e])
+
+
 DEEPSPEED_OPTIONS = {"ep_size": 1, "use_rts": True, "top2_2nd_expert_sampling": False,
                      "noisy_gate_policy": None, "use_tutel": False}
 
@@ -249,8 +261,9 @@ def run_case(case: Case, s: dict, args, dtype, device: str, backends: list[str],
     g = torch.Generator().manual_seed(args.seed + case.tokens)
     x = torch.randn(1, case.tokens, dim, generator=g).to(device, dtype)
     fns, notes, extra = {}, {}, {}
+    layer = None
     for b in backends:
-        layer = _our_layer(case, dim, hidden, b, args, dtype, device)
+        layer = _our_layer(case, dim, hidden, b, args, dtype, device)     # same seed: same weights
         fns[f"ours_{b}"] = _step(layer, x, _ours_loss, device)
         with torch.no_grad():
             _, st = layer(x)
@@ -258,6 +271,7 @@ def run_case(case: Case, s: dict, args, dtype, device: str, backends: list[str],
         extra["capacity"] = st.capacity
     if with_ds and case.top_k in DEEPSPEED_TOP_K:
         ds = _deepspeed_layer(case, dim, hidden, args, dtype, device)
+        copy_weights_to_deepspeed(ds, layer)
         fns["deepspeed"] = _step(ds, x, _deepspeed_loss, device)
     elif with_ds:
         notes["deepspeed"] = f"n/a: DeepSpeed-MoE's gate supports top-k {DEEPSPEED_TOP_K} only"
@@ -488,7 +502,8 @@ def run(args) -> int:
                    "repeats": s["repeats"], "warmup": s["warmup"], "seed": args.seed,
                    "backends": backends, "primary_backend": primary, "skipped": skipped,
                    "deepspeed_options": DEEPSPEED_OPTIONS if with_ds else None,
-                   "routing": "learned router at init on Gaussian inputs (near-uniform loads)"},
+                   "routing": "router at init on Gaussian inputs (near-uniform loads); DeepSpeed gets the "
+                              "same router and expert weights, so both route alike"},
         "results": results,
         "breakdown": breakdown,
         "elapsed_s": time.perf_counter() - t_start,
