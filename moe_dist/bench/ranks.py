@@ -56,14 +56,29 @@ def _entry(rank: int, world: int, port: int, out_dir: str, threads: int, timeout
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, timeout_s: float = 600.0,
-              collective_timeout_s: float = 120.0) -> list[Any]:
+              collective_timeout_s: float = 120.0, port_tries: int = 3) -> list[Any]:
     """fn(rank, world, *args) on `world` gloo ranks (a process group exists even for world=1, so `fn` can
     build a Topology either way); returns the per-rank results. `fn` and `args` must be picklable
-    (a module-level function)."""
-    import torch
-    import torch.multiprocessing as mp
+    (a module-level function). The rendezvous port is picked free and then bound by rank 0 a moment later;
+    another process on the machine can take it in between, so an EADDRINUSE start is retried on a new port."""
     if world < 1:
         raise ValueError(f"world={world}: need at least one rank")
+    for attempt in range(port_tries):
+        try:
+            return _run_once(fn, world, args, threads, timeout_s, collective_timeout_s)
+        except _PortTaken:
+            if attempt == port_tries - 1:
+                raise RuntimeError(f"the rendezvous port was taken {port_tries} times in a row") from None
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _run_once(fn, world, args, threads, timeout_s, collective_timeout_s) -> list[Any]:
+    import torch
+    import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
@@ -73,6 +88,13 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, 
             p.start()
         for p in procs:
             p.join(timeout_s)
+            port_lost = Path(out_dir, "rank0.pt").exists() and p is procs[0] and "EADDRINUSE" in str(
+                torch.load(Path(out_dir, "rank0.pt"), weights_only=False).get("error", ""))
+            if port_lost:                  # the others wait for a store that never comes: stop them now
+                for q in procs:
+                    q.kill()
+                    q.join()
+                raise _PortTaken()
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         for p in procs:
             if p.is_alive():
