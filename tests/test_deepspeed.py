@@ -70,6 +70,7 @@ def _both_engines(rank, world, raw):
                      "init": init, "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
                      "buffers": {n: b.clone() for n, b in trainer.model.named_buffers() if "expert_bias" in n},
                      "val": trainer.evaluate(2)}
+    out["bucket"] = trainer.engine.zero_reduce_bucket_size()     # the user's file reached DeepSpeed
     return out
 
 
@@ -107,7 +108,15 @@ def _check_parity(results, move_tol: float = RTOL):
 @pytest.mark.parametrize("stage,accum", [(1, 1), (2, 1), (2, 2), (0, 1)],
                          ids=["zero1", "zero2", "zero2-accum2", "zero0"])
 def test_deepspeed_matches_native_ep2_on_2_ranks(tmp_path, tokens, stage, accum):
-    results = run_ranks(_both_engines, 2, tiny(tmp_path, tokens, ep=2, stage=stage, accum=accum), timeout=300)
+    raw = tiny(tmp_path, tokens, ep=2, stage=stage, accum=accum)
+    if stage == 2 and accum == 1:
+        # A user file with small buckets: ZeRO-2 then reduces dense and expert gradients in many pieces.
+        (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 3000,
+                                                                             "allgather_bucket_size": 3000}}))
+        raw["train"]["deepspeed_config"] = str(tmp_path / "ds.json")
+    results = run_ranks(_both_engines, 2, raw, timeout=300)
+    if stage == 2 and accum == 1:
+        assert all(r["bucket"] == 3000 for r in results)
     # With accumulation ZeRO-2 reduces every micro-batch and sums the reduced gradients, the native trainer
     # sums first and reduces once: the same gradient up to rounding (losses and norms still agree to 1e-5).
     _check_parity(results, move_tol=RTOL if accum == 1 else 1e-4)
@@ -121,6 +130,97 @@ def test_zero2_matches_native_ep2_dp2_on_4_ranks_with_expert_bias(tmp_path, toke
     # Four ranks: reduce-scatter and all-reduce add the four partial gradients in different orders (with two
     # the sum is exact either way), so the parameters agree to rounding, as with accumulation.
     _check_parity(run_ranks(_both_engines, 4, raw, timeout=400), move_tol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The generated DeepSpeed JSON, the user's file over it, and what is refused (no process started).
+
+def _cfg(tmp_path, **train) -> config.Config:
+    raw = tiny(tmp_path, tmp_path / "none.bin", ep=2, stage=2)
+    raw["train"].update(train)
+    cfg = config.from_dict(raw)
+    config.validate(cfg)
+    return cfg
+
+
+def test_generated_config_follows_ours(tmp_path):
+    from moe_dist.train.deepspeed_engine import deepspeed_config
+    ds = deepspeed_config(_cfg(tmp_path, grad_accum_steps=3, zero_stage=1), dp=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 2 * 3 * 4
+    assert ds["zero_optimization"]["stage"] == 1 and ds["gradient_clipping"] == 0.05
+    assert ds["zero_allow_untested_optimizer"] is True and ds["bf16"]["enabled"] is False
+    # Stage 0: DeepSpeed's clip would use a per-rank norm, so the engine clips itself and DeepSpeed must not.
+    assert deepspeed_config(_cfg(tmp_path, zero_stage=0), dp=2)["gradient_clipping"] == 0.0
+
+
+def test_user_file_overrides_key_by_key(tmp_path):
+    from moe_dist.train.deepspeed_engine import deepspeed_config
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5,
+                                "train_micro_batch_size_per_gpu": 2}))        # repeating our value is fine
+    ds = deepspeed_config(_cfg(tmp_path, deepspeed_config=str(user)), dp=2)
+    assert ds["zero_optimization"] == {"stage": 2, "contiguous_gradients": True, "reduce_scatter": True,
+                                       "overlap_comm": False, "reduce_bucket_size": 1000}
+    assert ds["gradient_clipping"] == 0.5
+
+
+@pytest.mark.parametrize("user,message", [
+    ({"train_micro_batch_size_per_gpu": 4}, "sets train_micro_batch_size_per_gpu=4 but our config gives 2; "
+                                            "remove the key and set train.batch_size instead"),
+    ({"gradient_accumulation_steps": 2}, "set train.grad_accum_steps instead"),
+    ({"train_batch_size": 64}, "set train.batch_size × train.grad_accum_steps × data-parallel ranks instead"),
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3; use 0, 1 or 2"),
+    ({"fp16": {"enabled": True}}, "enables fp16"),
+    ([1, 2], "must hold a JSON object"),
+])
+def test_user_file_conflicts_are_refused_naming_the_field(tmp_path, user, message):
+    from moe_dist.train.deepspeed_engine import deepspeed_config
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    with pytest.raises(ConfigError, match="train.deepspeed_config") as e:
+        deepspeed_config(_cfg(tmp_path, deepspeed_config=str(path)), dp=2)
+    assert message in str(e.value)
+
+
+def test_missing_or_broken_user_file_is_refused(tmp_path):
+    from moe_dist.train.deepspeed_engine import deepspeed_config
+    with pytest.raises(ConfigError, match=r"train.deepspeed_config='.*nope.json' does not exist"):
+        deepspeed_config(_cfg(tmp_path, deepspeed_config=str(tmp_path / "nope.json")), dp=2)
+    (tmp_path / "bad.json").write_text("{stage: 2")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        deepspeed_config(_cfg(tmp_path, deepspeed_config=str(tmp_path / "bad.json")), dp=2)
+
+
+def test_skip_on_nonfinite_is_refused_before_deepspeed_starts(tmp_path):
+    from moe_dist.train.deepspeed_engine import DeepSpeedTrainer
+    with pytest.raises(ConfigError, match="train.on_nonfinite=skip is not supported with train.engine=deepspeed"):
+        DeepSpeedTrainer(_cfg(tmp_path, on_nonfinite="skip"))
+
+
+def _mismatched_groups(rank, world):
+    """DeepSpeed's data-before-expert order puts ranks {0,1} in one expert-data group, ours {0,2}."""
+    import deepspeed
+    from deepspeed.utils import groups
+
+    from moe_dist.parallel.topology import ParallelDims, Topology
+    from moe_dist.train.deepspeed_engine import check_expert_groups
+    deepspeed.init_distributed(dist_backend="gloo")
+    topo = Topology.build(ParallelDims.create(world, ep=2), timeout_s=60)
+    groups._create_expert_and_data_parallel(2, use_data_before_expert_parallel_=True)
+    try:
+        check_expert_groups(topo)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def test_groups_that_differ_from_ours_are_refused_at_start_up():
+    messages = run_ranks(_mismatched_groups, 4, timeout=200)
+    assert messages[0] is not None and messages[0].startswith("rank 0: DeepSpeed's ep group [0, 2] differs from ours "
+                                                              "[0, 1] (world=4")
+    assert "use one layout per process" in messages[0]
+    assert all(m is not None for m in messages)
 
 
 # ---------------------------------------------------------------------------------------------------
