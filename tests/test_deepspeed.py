@@ -3,7 +3,7 @@
 Parity: the same config, seeded weights and batches trained a few steps by the native `Trainer` and by
 `DeepSpeedTrainer` in the same fresh processes (DeepSpeed's expert groups are process-global, so every case
 gets its own spawn) give the same losses, gradient norms and parameters, with ZeRO-1 and ZeRO-2 (and stage 0,
-where our own clipping replaces DeepSpeed's). Gradient clipping is active (a small train.grad_clip), so
+where our own clipping replaces DeepSpeed's; EP=2×DP=2 on 4 ranks with --run-slow). Gradient clipping is active (a small train.grad_clip), so
 DeepSpeed's global norm is checked against ours. Then the generated DeepSpeed JSON and its user override, and
 the `deepspeed` launcher running `launch/deepspeed.sh` on 2 CPU processes.
 """
@@ -105,7 +105,10 @@ def _check_parity(results, move_tol: float = RTOL):
         assert nat["loss"][0] != nat["loss"][-1]
 
 
-@pytest.mark.parametrize("stage,accum", [(1, 1), (2, 1), (2, 2), (0, 1)],
+# ZeRO-1 and ZeRO-2 run by default; accumulation and stage 0 (our own clipping) with --run-slow (each spawn
+# imports DeepSpeed and trains both engines: tens of seconds on a shared 2-core machine).
+@pytest.mark.parametrize("stage,accum", [(1, 1), (2, 1), pytest.param(2, 2, marks=pytest.mark.slow),
+                                         pytest.param(0, 1, marks=pytest.mark.slow)],
                          ids=["zero1", "zero2", "zero2-accum2", "zero0"])
 def test_deepspeed_matches_native_ep2_on_2_ranks(tmp_path, tokens, stage, accum):
     raw = tiny(tmp_path, tokens, ep=2, stage=stage, accum=accum)
@@ -122,6 +125,7 @@ def test_deepspeed_matches_native_ep2_on_2_ranks(tmp_path, tokens, stage, accum)
     _check_parity(results, move_tol=RTOL if accum == 1 else 1e-4)
 
 
+@pytest.mark.slow
 def test_zero2_matches_native_ep2_dp2_on_4_ranks_with_expert_bias(tmp_path, tokens):
     """EP=2 × EDP=2: expert gradients are reduced over {0,2} and {1,3}, dense ones over all four; the
     DeepSeek-style router (sigmoid, expert bias updated from the global counts) must follow too."""
@@ -215,6 +219,7 @@ def _mismatched_groups(rank, world):
     return None
 
 
+@pytest.mark.slow
 def test_groups_that_differ_from_ours_are_refused_at_start_up():
     messages = run_ranks(_mismatched_groups, 4, timeout=200)
     assert messages[0] is not None and messages[0].startswith("rank 0: DeepSpeed's ep group [0, 2] differs from ours "
