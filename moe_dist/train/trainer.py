@@ -91,6 +91,7 @@ class Trainer:
     stopped_at: Optional[int] = None         # steps done when SIGTERM stopped the run
     last_checkpoint: Optional[Path] = None
     wall_seconds: float = 0.0
+    _stop_requested: bool = False            # set by the SIGTERM handler while `fit` runs
 
     def __init__(self, cfg: Config, model: Optional[MoEGPT] = None, batcher: Optional[Batcher] = None,
                  topo: Optional[Topology] = None):
