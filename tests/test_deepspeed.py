@@ -107,18 +107,19 @@ def _check_parity(results, move_tol: float = RTOL):
 
 # ZeRO-1 and ZeRO-2 run by default; accumulation and stage 0 (our own clipping) with --run-slow (each spawn
 # imports DeepSpeed and trains both engines: tens of seconds on a shared 2-core machine).
-@pytest.mark.parametrize("stage,accum", [(1, 1), (2, 1), pytest.param(2, 2, marks=pytest.mark.slow),
-                                         pytest.param(0, 1, marks=pytest.mark.slow)],
-                         ids=["zero1", "zero2", "zero2-accum2", "zero0"])
-def test_deepspeed_matches_native_ep2_on_2_ranks(tmp_path, tokens, stage, accum):
-    raw = tiny(tmp_path, tokens, ep=2, stage=stage, accum=accum)
-    if stage == 2 and accum == 1:
+@pytest.mark.parametrize("ep,stage,accum", [(2, 1, 1), (2, 2, 1), pytest.param(2, 2, 2, marks=pytest.mark.slow),
+                                            pytest.param(2, 0, 1, marks=pytest.mark.slow),
+                                            pytest.param(1, 2, 1, marks=pytest.mark.slow)],
+                         ids=["ep2-zero1", "ep2-zero2", "ep2-zero2-accum2", "ep2-zero0", "dp2-zero2"])
+def test_deepspeed_matches_native_on_2_ranks(tmp_path, tokens, ep, stage, accum):
+    raw = tiny(tmp_path, tokens, ep=ep, stage=stage, accum=accum)
+    if ep == 2 and stage == 2 and accum == 1:
         # A user file with small buckets: ZeRO-2 then reduces dense and expert gradients in many pieces.
         (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 3000,
                                                                              "allgather_bucket_size": 3000}}))
         raw["train"]["deepspeed_config"] = str(tmp_path / "ds.json")
     results = run_ranks(_both_engines, 2, raw, timeout=300)
-    if stage == 2 and accum == 1:
+    if ep == 2 and stage == 2 and accum == 1:
         assert all(r["bucket"] == 3000 for r in results)
     # With accumulation ZeRO-2 reduces every micro-batch and sums the reduced gradients, the native trainer
     # sums first and reduces once: the same gradient up to rounding (losses and norms still agree to 1e-5).
