@@ -309,6 +309,27 @@ def test_optimizer_state_round_trips_in_one_process(tmp_path):
     assert torch.equal(model2.moe_layers[0].router.expert_bias_E, model.moe_layers[0].router.expert_bias_E)
 
 
+class _RunsCode:
+    """Unpickling this calls os.getcwd: stands in for any global a tampered file could name."""
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_metadata_with_foreign_globals_is_refused(tmp_path):
+    """DCP's .metadata is a pickle; our reader builds only DCP's metadata types, never an arbitrary global."""
+    import pickle
+    cfg = make_cfg(tiny(ckpt_dir=str(tmp_path)))
+    topo = Topology.single()
+    model = MoEGPT(cfg, topo)
+    opt = build_optimizer(model, cfg.train)
+    ckpt.save(tmp_path, 1, model, opt, cfg, topo, keep=1)
+    path, meta = ckpt.find(tmp_path, False)
+    (path / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata: unreadable checkpoint metadata "
+                                                   r"\(posix\.getcwd is not allowed"):
+        ckpt.load(path, meta, model, opt, topo)
+
+
 # -------------------------------------------------------------------------------------------------- SIGTERM
 
 def _sigterm_worker(rank, world, raw):

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import uuid
 import warnings
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, StorageMeta, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from moe_dist.config import Config
@@ -165,6 +166,49 @@ class _LoadPlanner(DefaultLoadPlanner):
         if isinstance(obj, ShardView):
             return obj.__get_tensor_shard__(index)
         return super().lookup_tensor(index)
+
+    def load_bytes(self, read_item, value) -> None:
+        # Our state holds tensors only; DCP's default would torch.load(weights_only=False) a byte item.
+        raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn} is a pickled object, not a tensor; "
+                              "moe_dist never writes those, so the checkpoint was altered or written by other code")
+
+
+# DCP's `.metadata` is a pickle of its own dataclasses; plain pickle.load would run any global a tampered file
+# names. These are the only globals a DCP metadata file of tensors refers to.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_GLOBALS.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                         torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose metadata load only builds DCP's own metadata types (weights-only in spirit)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e})") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 # ----------------------------------------------------------------------------------- the training state
@@ -410,7 +454,7 @@ def load(path: Path, meta: dict[str, Any], model, optimizer, topo: Topology) -> 
     """Fill model, optimizer state, buffers (and this rank's RNG when the layout is the one saved) in place
     from a verified checkpoint; returns whether the RNG state was restored."""
     same_layout = meta["layout"] == layout_of(topo)
-    reader = dcp.FileSystemReader(path)
+    reader = _SafeReader(path)
     stored = reader.read_metadata().state_dict_metadata
     state = state_for_dcp(model, optimizer, topo, rng=same_layout)
     for key in [k for k in state if k.startswith("rng.") and k not in stored]:
