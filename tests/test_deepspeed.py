@@ -197,10 +197,18 @@ def test_missing_or_broken_user_file_is_refused(tmp_path):
         deepspeed_config(_cfg(tmp_path, deepspeed_config=str(tmp_path / "bad.json")), dp=2)
 
 
-def test_skip_on_nonfinite_is_refused_before_deepspeed_starts(tmp_path):
+@pytest.mark.parametrize("section,override,message", [
+    ("train", {"on_nonfinite": "skip"}, "train.on_nonfinite=skip is not supported with train.engine=deepspeed"),
+    ("checkpoint", {"every": 5}, "checkpoint.every=5: train.engine=deepspeed does not save or load checkpoints"),
+    ("checkpoint", {"resume": "must"}, "checkpoint.resume=must: train.engine=deepspeed does not save or load"),
+])
+def test_unsupported_settings_are_refused_before_deepspeed_starts(tmp_path, section, override, message):
     from moe_dist.train.deepspeed_engine import DeepSpeedTrainer
-    with pytest.raises(ConfigError, match="train.on_nonfinite=skip is not supported with train.engine=deepspeed"):
-        DeepSpeedTrainer(_cfg(tmp_path, on_nonfinite="skip"))
+    cfg = _cfg(tmp_path)
+    for k, v in override.items():
+        setattr(getattr(cfg, section), k, v)
+    with pytest.raises(ConfigError, match=message):
+        DeepSpeedTrainer(cfg)
 
 
 def _mismatched_groups(rank, world):

@@ -223,6 +223,13 @@ class DeepSpeedTrainer(Trainer):
             raise ConfigError("train.on_nonfinite=skip is not supported with train.engine=deepspeed (a ZeRO step "
                               "cannot be withdrawn once gradients are reduced into partitions); use "
                               "train.on_nonfinite=raise or train.engine=native")
+        c = cfg.checkpoint
+        if c.every or c.resume == "must":
+            # DeepSpeed's own MoE checkpoint expects its MoE layer's expert modules (it would save none of ours),
+            # and our checkpoint format holds a torch optimizer, not ZeRO partitions: refuse rather than not save.
+            field = f"checkpoint.every={c.every}" if c.every else "checkpoint.resume=must"
+            raise ConfigError(f"{field}: train.engine=deepspeed does not save or load checkpoints yet; set "
+                              "checkpoint.every=0 and checkpoint.resume=auto, or use train.engine=native")
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
         if topo.tp.size > 1 or topo.etp.size > 1:
