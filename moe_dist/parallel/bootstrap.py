@@ -230,6 +230,10 @@ def init_distributed(timeout_s: float, backend: Optional[str] = None, expected_w
     else:
         store = dist.TCPStore(info.master_addr, info.master_port, info.world_size,
                               is_master=info.rank == 0, timeout=timeout)
+        if "TORCHELASTIC_RESTART_COUNT" in env:
+            # torchrun's workers share the agent's store across restarts (TORCHELASTIC_USE_AGENT_STORE), so the
+            # dead attempt's keys (gloo peer addresses) are still there; a prefix per attempt keeps them apart.
+            store = dist.PrefixStore(f"moe_dist/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
     dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size, timeout=timeout)
     return info
 
