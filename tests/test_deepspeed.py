@@ -71,10 +71,20 @@ def _both_engines(rank, world, raw):
                      "buffers": {n: b.clone() for n, b in trainer.model.named_buffers() if "expert_bias" in n},
                      "val": trainer.evaluate(2)}
     out["bucket"] = trainer.engine.zero_reduce_bucket_size()     # the user's file reached DeepSpeed
+    # A router that produces NaN on one rank: every rank raises together, naming that router (no hang).
+    if rank == 0:
+        with torch.no_grad():
+            trainer.model.moe_layers[0].router.weight_ED.fill_(float("nan"))
+    try:
+        trainer.train_step(STEPS)
+    except FloatingPointError as e:
+        out["nonfinite"] = str(e)
     return out
 
 
 def _check_parity(results, move_tol: float = RTOL):
+    for r in results:
+        assert "the router of layer 0 (blocks.0.mlp.router) produced non-finite logits first" in r["nonfinite"]
     for rank, r in enumerate(results):
         nat, ds = r["native"], r["deepspeed"]
         for key in ("loss", "lm", "aux", "z", "norm"):
@@ -177,6 +187,7 @@ def test_user_file_overrides_key_by_key(tmp_path):
     ({"train_batch_size": 64}, "set train.batch_size × train.grad_accum_steps × data-parallel ranks instead"),
     ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3; use 0, 1 or 2"),
     ({"fp16": {"enabled": True}}, "enables fp16"),
+    ({"use_data_before_expert_parallelism": True}, "our rank order is ep fastest, then data"),
     ([1, 2], "must hold a JSON object"),
 ])
 def test_user_file_conflicts_are_refused_naming_the_field(tmp_path, user, message):

@@ -8,7 +8,7 @@ What each side does:
   parameters summed over the expert-data-parallel (`edp`) group and divided by the world (the rule of
   `moe_dist.parallel.grads.reduce_gradients`). It learns which parameters are experts from DeepSpeed's own
   MoE protocol (see `_tag_expert_parameters`), and it reduces them over `deepspeed.utils.groups`' expert
-  groups, which `_ExpertGroups` creates and checks equal to our `edp`/`ep` groups rank for rank.
+  groups, which `_expert_groups_module` creates and checks equal to our `edp`/`ep` groups rank for rank.
 - Clipping: ZeRO-1/2 compute the global norm over partitions (dense partitions summed over the world,
   expert partitions over the world too, which counts each expert once) and clip by
   `max_norm / (norm + 1e-6)`: the native rule, tested equal. Stage 0 would clip by a per-rank norm that
@@ -97,6 +97,9 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
     if merged.get("fp16", {}).get("enabled"):
         raise ConfigError("train.deepspeed_config enables fp16; the MoE router needs fp32/bf16 ranges: "
                           "use train.dtype=bfloat16 instead")
+    if merged.get("use_data_before_expert_parallelism"):
+        raise ConfigError("train.deepspeed_config sets use_data_before_expert_parallelism; our rank order is ep "
+                          "fastest, then data (Megatron's), and DeepSpeed's groups must match it: remove that key")
     if stage == 0 and merged.get("gradient_clipping", 0) and "gradient_clipping" in user:
         raise ConfigError("train.deepspeed_config sets gradient_clipping with ZeRO stage 0, where DeepSpeed's "
                           "norm misses the other expert-parallel ranks' experts; set train.grad_clip instead")
@@ -131,8 +134,8 @@ def _expert_groups_module(topo: Topology, num_experts: int) -> nn.Module:
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             if use_data_before_expert_parallel_:
-                raise ConfigError("train.deepspeed_config sets use_data_before_expert_parallel_; our rank order is "
-                                  "ep fastest then data (Megatron's), so remove that key")
+                raise ConfigError("train.deepspeed_config sets use_data_before_expert_parallelism; our rank order "
+                                  "is ep fastest, then data (Megatron's): remove that key")
             if self.expert_group_name not in groups._get_expert_parallel_group_dict():
                 groups._create_expert_and_data_parallel(self.ep_size)   # collective over the world
             check_expert_groups(topo)
@@ -297,6 +300,10 @@ class DeepSpeedTrainer(Trainer):
         self.engine.step()                      # ZeRO: global norm, clip, AdamW on this rank's partition
         if norm is None:
             norm = float(self.engine.get_global_grad_norm())   # host sync: computed in step() for the log
+            if not math.isfinite(norm):
+                # DeepSpeed has skipped the update itself (a non-finite norm counts as overflow); the native
+                # trainer raises on a non-finite norm, and so does this engine.
+                return self._nonfinite(step, outs, lm, aux, z, norm, lr, t0)
         counts, drop_fraction, leaving = self._expert_counts(outs)
         return StepResult(step=step, loss=lm + aux + z, lm_loss=lm, aux_loss=aux + z, z_loss=z,
                           drop_fraction=drop_fraction, tokens_per_expert=counts, grad_norm=norm, lr=lr,
