@@ -71,8 +71,12 @@ def _gather_sum(y_NH: torch.Tensor, row_TK: torch.Tensor, w_TK: torch.Tensor, ou
     T, K = row_TK.shape
     rows_TK = row_TK.clamp_min(0)
     out = y_NH.index_select(0, rows_TK[:, 0]).to(w_TK.dtype).mul_(w_TK[:, :1])
+    # One scratch buffer for the other slots: on the CPU a fresh large tensor costs its page faults,
+    # as much as the gather itself.
+    tmp = y_NH.new_empty(out.shape) if K > 1 else None
     for k in range(1, K):
-        out.addcmul_(y_NH.index_select(0, rows_TK[:, k]).to(w_TK.dtype), w_TK[:, k:k + 1])
+        torch.index_select(y_NH, 0, rows_TK[:, k], out=tmp)
+        out.addcmul_(tmp.to(w_TK.dtype), w_TK[:, k:k + 1])
     return out.to(out_dtype)
 
 
@@ -135,13 +139,15 @@ class _Unpermute(torch.autograd.Function):
         w_N = _row_weights(row_TK, weights_TK.detach(), N)
         g_NH = g_TH.index_select(0, src_N.clamp_min(0)).to(w_N.dtype)    # padding rows: w_N = 0 below
         dy = dw = None
-        if ctx.needs_input_grad[0]:
-            dy = (g_NH * w_N.unsqueeze(1)).to(y_NH.dtype)
         if ctx.needs_input_grad[3]:
-            dw_N = torch.linalg.vecdot(g_NH, y_NH.to(g_NH.dtype))     # padding rows: never read below
+            # Row-wise dot products without an [N,H] temporary (einsum lowers to a batched GEMV); first,
+            # because dy below reuses g_NH's memory.
+            dw_N = torch.einsum("nh,nh->n", g_NH, y_NH.to(g_NH.dtype))   # padding rows: never read below
             kept_TK = row_TK >= 0
             dw = (dw_N.index_select(0, row_TK.clamp_min(0).reshape(-1)).view_as(row_TK) * kept_TK)
             dw = dw.to(weights_TK.dtype)
+        if ctx.needs_input_grad[0]:
+            dy = g_NH.mul_(w_N.unsqueeze(1)).to(y_NH.dtype)             # in place: no second [N,H] buffer
         return dy, None, None, dw
 
 

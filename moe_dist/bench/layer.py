@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="default: fp32 on the CPU, bf16 on a GPU")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: perf_counter; cpu: this process's CPU time (CPU only): robust on a machine "
+                        "loaded by others, best with --threads 1 (no spinning worker threads)")
     p.add_argument("--repeats", type=int, help="timed rounds per configuration (median reported)")
     p.add_argument("--warmup", type=int, help="untimed calls per variant first")
     p.add_argument("--seed", type=int, default=0)
@@ -207,18 +210,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _step(module, x, call: Callable, device: str) -> Callable[[], float]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _step(module, x, call: Callable, device: str, clock: Callable[[], float]) -> Callable[[], float]:
     """One timed forward+backward (gradients reset first, outside the clock)."""
     def run() -> float:
         for p in module.parameters():
             p.grad = None
         xx = x.detach().requires_grad_()
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         loss = call(module, xx)
         loss.backward()
         _sync(device)
-        return time.perf_counter() - t0
+        return clock() - t0
     return run
 
 
@@ -257,6 +263,7 @@ def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
 def run_case(case: Case, s: dict, args, dtype, device: str, backends: list[str], with_ds: bool,
              dense_cache: dict) -> dict:
     import torch
+    clock = CLOCKS[args.clock]
     dim, hidden = s["dim"], s["hidden"]
     g = torch.Generator().manual_seed(args.seed + case.tokens)
     x = torch.randn(1, case.tokens, dim, generator=g).to(device, dtype)
@@ -264,7 +271,7 @@ def run_case(case: Case, s: dict, args, dtype, device: str, backends: list[str],
     layer = None
     for b in backends:
         layer = _our_layer(case, dim, hidden, b, args, dtype, device)     # same seed: same weights
-        fns[f"ours_{b}"] = _step(layer, x, _ours_loss, device)
+        fns[f"ours_{b}"] = _step(layer, x, _ours_loss, device, clock)
         with torch.no_grad():
             _, st = layer(x)
         extra[f"ours_{b}_drop_fraction"] = st.drop_fraction
@@ -272,13 +279,13 @@ def run_case(case: Case, s: dict, args, dtype, device: str, backends: list[str],
     if with_ds and case.top_k in DEEPSPEED_TOP_K:
         ds = _deepspeed_layer(case, dim, hidden, args, dtype, device)
         copy_weights_to_deepspeed(ds, layer)
-        fns["deepspeed"] = _step(ds, x, _deepspeed_loss, device)
+        fns["deepspeed"] = _step(ds, x, _deepspeed_loss, device, clock)
     elif with_ds:
         notes["deepspeed"] = f"n/a: DeepSpeed-MoE's gate supports top-k {DEEPSPEED_TOP_K} only"
     key = (case.tokens, case.top_k)
     if key not in dense_cache:
         dense_cache[key] = _swiglu_module(dim, case.top_k * hidden, dtype, device, args.seed)
-    fns["dense"] = _step(dense_cache[key], x, _dense_loss, device)
+    fns["dense"] = _step(dense_cache[key], x, _dense_loss, device, clock)
 
     samples = measure(fns, s["repeats"], s["warmup"])
     med = {n: statistics.median(v) for n, v in samples.items()}
@@ -301,6 +308,7 @@ def breakdown_case(case: Case, s: dict, args, dtype, device: str, backend: str) 
     """Our layer split into its stages, each timed forward+backward on its own (inputs detached and
     requiring grad at the stage boundary, upstream gradients random), plus the whole layer for reference."""
     import torch
+    clock = CLOCKS[args.clock]
     from moe_dist.moe.dispatch import keep_connected
     dim = s["dim"]
     layer = _our_layer(case, dim, s["hidden"], backend, args, dtype, device)
@@ -348,14 +356,14 @@ def breakdown_case(case: Case, s: dict, args, dtype, device: str, backend: str) 
                 p.grad = None
             xx = inp.detach().requires_grad_()
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(xx)
             _sync(device)
-            return time.perf_counter() - t0
+            return clock() - t0
         return run
 
     fns = {k: timed(stage_fn[k], inputs[k]) for k in stage_fn}
-    fns["whole_layer"] = _step(layer, x_TD.unsqueeze(0), _ours_loss, device)
+    fns["whole_layer"] = _step(layer, x_TD.unsqueeze(0), _ours_loss, device, clock)
     samples = measure(fns, s["repeats"], s["warmup"])
     med = {n: statistics.median(v) * 1e3 for n, v in samples.items()}
     stages = {k: med.get(k, 0.0) for k in STAGES}     # all_to_all: 0 in the single-process layout
@@ -439,6 +447,8 @@ def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and device != "cpu":
+        raise ValueError("--clock cpu measures CPU time and means nothing for GPU work; use --clock wall")
 
     from moe_dist.moe.experts import grouped_mm_supported
     backends, skipped = [], {}
@@ -463,7 +473,7 @@ def run(args) -> int:
 
     cases = [Case(T, E, K, m) for T in s["tokens"] for E in s["experts"] for K in s["top_k"] for m in args.modes]
     print(f"bench layer: {len(cases)} configurations, D={s['dim']} F={s['hidden']} {dtype_name} on {device} "
-          f"({torch.get_num_threads()} threads), variants: {', '.join('ours_' + b for b in backends)}"
+          f"({torch.get_num_threads()} threads, {args.clock} clock), variants: {', '.join('ours_' + b for b in backends)}"
           f"{', deepspeed' if with_ds else ''}, dense; {s['repeats']} repeats", flush=True)
     results, dense_cache = [], {}
     t_start = time.perf_counter()
@@ -499,7 +509,7 @@ def run(args) -> int:
                    "min_capacity": args.min_capacity, "activation": "swiglu", "aux_loss_coef": 0.01,
                    "router": "softmax, renormalised top-k for k>1", "drop_policy": "probs",
                    "dtype": dtype_name, "device": device, "threads": torch.get_num_threads(),
-                   "repeats": s["repeats"], "warmup": s["warmup"], "seed": args.seed,
+                   "repeats": s["repeats"], "warmup": s["warmup"], "seed": args.seed, "clock": args.clock,
                    "backends": backends, "primary_backend": primary, "skipped": skipped,
                    "deepspeed_options": DEEPSPEED_OPTIONS if with_ds else None,
                    "routing": "router at init on Gaussian inputs (near-uniform loads); DeepSpeed gets the "

@@ -124,6 +124,8 @@ class MoELayer(nn.Module):
         if T % G:
             raise ValueError(f"{T} tokens do not split into moe.capacity_groups={G} groups")
         cap = expert_capacity(T // G, cfg)
+        if cap is None:                                    # dropless: nothing to rank or drop
+            return None, torch.zeros(E, dtype=torch.long, device=indices_TK.device), None
         group_T1 = (torch.arange(T, device=indices_TK.device) // max(T // G, 1)).unsqueeze(1)
         res = apply_capacity(indices_TK + group_T1 * E, weights_TK, G * E, cap, cfg.drop_policy)
         return res.keep_TK, res.dropped_E.view(G, E).sum(0), cap

@@ -95,6 +95,8 @@ class Router(nn.Module):
             scores_TE = scores_TE + self.expert_bias_E
         if cfg.num_groups > 1 and T > 0:
             return _group_limited_topk(scores_TE, self.top_k, cfg.num_groups, cfg.topk_groups)
+        if self.top_k == 1:
+            return scores_TE.argmax(-1, keepdim=True)      # a max-reduction; topk sorts a candidate heap
         return scores_TE.topk(self.top_k, dim=-1).indices
 
     @torch.no_grad()
