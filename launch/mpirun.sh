@@ -2,7 +2,7 @@
 # `moe-dist train` under Open MPI's mpirun: one rank per GPU, the process group bootstrapped through mpi4py
 # (rank 0 broadcasts its host and a free port unless MASTER_ADDR/MASTER_PORT are exported).
 #
-#   launch/mpirun.sh CONFIG [--section.field=value ...]
+#   launch/mpirun.sh [CONFIG] [--section.field=value ...]        (CONFIG also from $CONFIG; default tiny-cpu)
 #
 # One node:   NPROC_PER_NODE=8 EP=8 launch/mpirun.sh configs/mixtral-tiny.yaml
 # Two nodes:  NNODES=2 NPROC_PER_NODE=8 HOSTFILE=hosts EP=8 launch/mpirun.sh configs/mixtral-8x7b.yaml
@@ -11,12 +11,21 @@
 # Needs mpi4py built against (or loading) the same MPI as this mpirun: `pip install moe_dist[mpi]`.
 set -euo pipefail
 
-if [[ $# -lt 1 || $1 == -* ]]; then
-    echo "usage: [NNODES=N NPROC_PER_NODE=n HOSTFILE=file] $0 CONFIG [--section.field=value ...]" >&2
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    echo "usage: [NNODES=N NPROC_PER_NODE=n HOSTFILE=file] $0 [CONFIG] [--section.field=value ...]" >&2
+    echo "  CONFIG: the first argument, else \$CONFIG, else configs/tiny-cpu.yaml; the rest are config overrides" >&2
+    exit 0
+fi
+# The config: a first argument that is not an override, else $CONFIG (as launch/deepspeed.sh takes it).
+if [[ $# -gt 0 && $1 != --* ]]; then
+    CONFIG=$1
+    shift
+fi
+CONFIG=${CONFIG:-configs/tiny-cpu.yaml}
+if [[ ! -f $CONFIG ]]; then
+    echo "$0: config file '$CONFIG' does not exist (presets are in configs/; pass one as the first argument)" >&2
     exit 2
 fi
-CONFIG=$1
-shift
 
 # The interpreter of the active virtual environment; every node must have it at the same path.
 PYTHON=${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}

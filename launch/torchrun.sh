@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `moe-dist train` under torchrun, on one node or several, with optional elastic restarts.
 #
-#   launch/torchrun.sh CONFIG [--section.field=value ...]
+#   launch/torchrun.sh [CONFIG] [--section.field=value ...]      (CONFIG also from $CONFIG; default tiny-cpu)
 #
 # One node:   NPROC_PER_NODE=8 EP=8 launch/torchrun.sh configs/mixtral-tiny.yaml
 # Two nodes:  the same command on each node (MASTER_ADDR: one of them, which hosts the rendezvous):
@@ -12,12 +12,21 @@
 # Every variable below has a default and may be overridden from the environment.
 set -euo pipefail
 
-if [[ $# -lt 1 || $1 == -* ]]; then
-    echo "usage: [NNODES=N MASTER_ADDR=host MASTER_PORT=port] $0 CONFIG [--section.field=value ...]" >&2
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    echo "usage: [NNODES=N MASTER_ADDR=host MASTER_PORT=port] $0 [CONFIG] [--section.field=value ...]" >&2
+    echo "  CONFIG: the first argument, else \$CONFIG, else configs/tiny-cpu.yaml; the rest are config overrides" >&2
+    exit 0
+fi
+# The config: a first argument that is not an override, else $CONFIG (as launch/deepspeed.sh takes it).
+if [[ $# -gt 0 && $1 != --* ]]; then
+    CONFIG=$1
+    shift
+fi
+CONFIG=${CONFIG:-configs/tiny-cpu.yaml}
+if [[ ! -f $CONFIG ]]; then
+    echo "$0: config file '$CONFIG' does not exist (presets are in configs/; pass one as the first argument)" >&2
     exit 2
 fi
-CONFIG=$1
-shift
 
 # The interpreter of the active virtual environment, so torchrun and moe_dist come from the same install.
 PYTHON=${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}

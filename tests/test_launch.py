@@ -29,7 +29,7 @@ SMALL = ["--train.steps=3", "--train.batch_size=2", "--train.seq_len=32", "--mod
          "--model.n_layers=2", "--model.dim=64", "--model.dense_hidden=128", "--moe.expert_hidden=64"]
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE",
                  "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NNODES", "NPROC_PER_NODE", "TP", "EP", "ETP",
-                 "MAX_RESTARTS", "PYTHON", "MPIRUN", "MPIRUN_ARGS", "HOSTFILE", "SRUN", "SRUN_ARGS")
+                 "MAX_RESTARTS", "CONFIG", "PYTHON", "MPIRUN", "MPIRUN_ARGS", "HOSTFILE", "SRUN", "SRUN_ARGS")
 
 
 def free_port(lo: int | None = None, hi: int | None = None) -> int:
@@ -148,9 +148,12 @@ def test_torchrun_several_nodes_need_the_master(tokens, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["torchrun.sh", "mpirun.sh", "slurm.sbatch"])
-def test_script_without_a_config_prints_usage(script, tmp_path):
-    [(rc, _, err)] = run_all([([str(LAUNCH / script)], script_env())], cwd=tmp_path, wait_s=30)
-    assert rc == 2 and "usage:" in err and "CONFIG" in err
+def test_script_help_and_a_missing_config(script, tmp_path):
+    [(rc, _, err)] = run_all([([str(LAUNCH / script), "--help"], script_env())], cwd=tmp_path, wait_s=30)
+    assert rc == 0 and "usage:" in err and "[CONFIG]" in err
+    [(rc, _, err)] = run_all([([str(LAUNCH / script), "--train.steps=1"], script_env(CONFIG="nope.yaml"))],
+                             cwd=tmp_path, wait_s=30)
+    assert rc == 2 and "config file 'nope.yaml' does not exist" in err
 
 
 def _mpirun_or_skip() -> str:
@@ -166,8 +169,9 @@ def _mpirun_or_skip() -> str:
 def test_mpirun_equals_torchrun(torchrun_one_node, tokens, tmp_path):
     """mpirun.sh: no MASTER_ADDR/MASTER_PORT, so rank 0 broadcasts them through mpi4py."""
     mpirun = _mpirun_or_skip()
-    run = run_all([([str(LAUNCH / "mpirun.sh"), *args_for(tokens, tmp_path / "run")],
-                    script_env(NPROC_PER_NODE="2", EP="2"))], cwd=tmp_path)[0]
+    # The config from $CONFIG this time (the form launch/deepspeed.sh takes), overrides as the arguments.
+    run = run_all([([str(LAUNCH / "mpirun.sh"), *args_for(tokens, tmp_path / "run")[1:]],
+                    script_env(NPROC_PER_NODE="2", EP="2", CONFIG=CONFIG))], cwd=tmp_path)[0]
     out = ok(run)
     assert LAYOUT_EP2 in out and out.count("moe-dist train:") == 1
     assert f"exec {mpirun} -np 2" in run[2]         # the mpirun beside the venv's python
