@@ -38,10 +38,10 @@ if [[ -z $MPIRUN ]]; then
     exit 2
 fi
 NNODES=${NNODES:-1}
-if [[ -z ${NPROC_PER_NODE:-} ]]; then
-    NPROC_PER_NODE=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
-    [[ ${NPROC_PER_NODE:-0} -gt 0 ]] || NPROC_PER_NODE=1
-fi
+GPUS=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
+GPUS=${GPUS:-0}
+NPROC_PER_NODE=${NPROC_PER_NODE:-$GPUS}
+[[ $NPROC_PER_NODE -gt 0 ]] || NPROC_PER_NODE=1
 NP=$((NNODES * NPROC_PER_NODE))
 HOSTFILE=${HOSTFILE:-}
 if [[ $NNODES -gt 1 && -z $HOSTFILE ]]; then
@@ -64,6 +64,10 @@ opts=(-np "$NP" --map-by "ppr:$NPROC_PER_NODE:node" --bind-to none)
 [[ -n $HOSTFILE ]] && opts+=(--hostfile "$HOSTFILE")
 # Open MPI refuses to start as root without this (containers often run as root).
 [[ $(id -u) -eq 0 ]] && opts+=(--allow-run-as-root)
+# A CPU run (no GPU) may start more ranks than the node has cores, which Open MPI refuses by default.
+if [[ ${OVERSUBSCRIBE:-auto} == 1 || ( ${OVERSUBSCRIBE:-auto} == auto && $GPUS -eq 0 ) ]]; then
+    opts+=(--oversubscribe)
+fi
 # Forward the environment the ranks need on remote nodes (mpirun passes little by default).
 for var in PATH LD_LIBRARY_PATH VIRTUAL_ENV OMP_NUM_THREADS MASTER_ADDR MASTER_PORT PYTHONPATH \
            NCCL_SOCKET_IFNAME NCCL_DEBUG GLOO_SOCKET_IFNAME CUDA_VISIBLE_DEVICES; do
