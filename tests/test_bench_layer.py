@@ -62,7 +62,8 @@ def test_command_writes_json_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "layer_quick.json"
     r = subprocess.run([sys.executable, "-m", "moe_dist.cli", "bench", "layer", "--preset", "quick",
                         "--tokens", "64", "--dim", "32", "--hidden", "32", "--experts", "8", "--top-k", "2", "6",
-                        "--repeats", "1", "--warmup", "0", "--out", str(out)],
+                        "--repeats", "1", "--warmup", "0", "--clock", "cpu", "--reuse-freed-memory",
+                        "--out", str(out)],
                        capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -73,6 +74,7 @@ def test_command_writes_json_and_plots(tmp_path: Path) -> None:
     assert {"deepspeed", "triton"} <= set(m["versions"])
     cfg = data["config"]
     assert cfg["dtype"] == "fp32" and cfg["threads"] >= 1 and cfg["dim"] == 32 and cfg["hidden"] == 32
+    assert cfg["clock"] == "cpu" and cfg["allocator"].startswith("glibc heap")
     assert "triton" in cfg["skipped"]            # no GPU here: said, not faked
     rows = {(r["top_k"], r["mode"]): r for r in data["results"]}
     assert set(rows) == {(2, "capacity"), (2, "dropless"), (6, "capacity"), (6, "dropless")}

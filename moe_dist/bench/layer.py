@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: perf_counter; cpu: this process's CPU time (CPU only): robust on a machine "
                         "loaded by others, best with --threads 1 (no spinning worker threads)")
+    p.add_argument("--reuse-freed-memory", action="store_true",
+                   help="glibc only: serve every allocation from the heap and never trim it (mallopt), so a "
+                        "freed activation's pages are reused instead of page-faulted in again; what tcmalloc or "
+                        "jemalloc give. Applies to every variant alike")
     p.add_argument("--repeats", type=int, help="timed rounds per configuration (median reported)")
     p.add_argument("--warmup", type=int, help="untimed calls per variant first")
     p.add_argument("--seed", type=int, default=0)
@@ -211,6 +215,21 @@ def _sync(device: str) -> None:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def reuse_freed_memory() -> None:
+    """Turn off glibc's mmap for large blocks (M_MMAP_MAX=0) and its heap trimming (M_TRIM_THRESHOLD):
+    PyTorch's CPU allocator calls malloc/free directly, and by default every tensor over the mmap
+    threshold comes back as fresh pages whose first touch faults (about 0.35 ms per MiB here), which on
+    the CPU costs as much as a GEMM's memory traffic. Process-wide, for every variant."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4          # glibc malloc.h
+    if libc is None or not hasattr(libc, "mallopt") or not (
+            libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)):
+        raise ValueError("--reuse-freed-memory needs glibc's mallopt; run without it (or preload tcmalloc)")
 
 
 def _step(module, x, call: Callable, device: str, clock: Callable[[], float]) -> Callable[[], float]:
@@ -447,6 +466,8 @@ def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.reuse_freed_memory:
+        reuse_freed_memory()
     if args.clock == "cpu" and device != "cpu":
         raise ValueError("--clock cpu measures CPU time and means nothing for GPU work; use --clock wall")
 
@@ -473,7 +494,8 @@ def run(args) -> int:
 
     cases = [Case(T, E, K, m) for T in s["tokens"] for E in s["experts"] for K in s["top_k"] for m in args.modes]
     print(f"bench layer: {len(cases)} configurations, D={s['dim']} F={s['hidden']} {dtype_name} on {device} "
-          f"({torch.get_num_threads()} threads, {args.clock} clock), variants: {', '.join('ours_' + b for b in backends)}"
+          f"({torch.get_num_threads()} threads, {args.clock} clock), "
+          f"variants: {', '.join('ours_' + b for b in backends)}"
           f"{', deepspeed' if with_ds else ''}, dense; {s['repeats']} repeats", flush=True)
     results, dense_cache = [], {}
     t_start = time.perf_counter()
@@ -510,6 +532,8 @@ def run(args) -> int:
                    "router": "softmax, renormalised top-k for k>1", "drop_policy": "probs",
                    "dtype": dtype_name, "device": device, "threads": torch.get_num_threads(),
                    "repeats": s["repeats"], "warmup": s["warmup"], "seed": args.seed, "clock": args.clock,
+                   "allocator": "glibc heap only, no trim (--reuse-freed-memory)" if args.reuse_freed_memory
+                   else "default",
                    "backends": backends, "primary_backend": primary, "skipped": skipped,
                    "deepspeed_options": DEEPSPEED_OPTIONS if with_ds else None,
                    "routing": "router at init on Gaussian inputs (near-uniform loads); DeepSpeed gets the "
