@@ -178,16 +178,19 @@ def test_mpirun_equals_torchrun(torchrun_one_node, tokens, tmp_path):
     same_steps(train_records(tmp_path / "run"), torchrun_one_node[1])
 
 
-# A stand-in for srun inside an allocation: one task per SLURM_NTASKS on this host, each with the variables
-# srun gives a task; options (--name=value only) are ignored; exits with the worst task's status.
+# A stand-in for srun inside an allocation: SLURM_NTASKS tasks on this host, each with the variables srun gives a
+# task (SLURM_NTASKS_PER_NODE per "node", so local ids restart on each node as on a real cluster); options
+# (--name=value only) are ignored; exits with the worst task's status.
 FAKE_SRUN = '''#!{python}
 import os, subprocess, sys
 cmd = sys.argv[1:]
 while cmd and cmd[0].startswith("-"):
     cmd.pop(0)
 n = int(os.environ["SLURM_NTASKS"])
-procs = [subprocess.Popen(cmd, env={{**os.environ, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
-                                     "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": os.environ["SLURM_JOB_NODELIST"]}})
+per_node = int(os.environ.get("SLURM_NTASKS_PER_NODE", n))
+procs = [subprocess.Popen(cmd, env={{**os.environ, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i % per_node),
+                                     "SLURM_NODEID": str(i // per_node),
+                                     "SLURM_STEP_NODELIST": os.environ["SLURM_JOB_NODELIST"]}})
          for i in range(n)]
 sys.exit(max(abs(p.wait()) for p in procs))
 '''
@@ -202,11 +205,13 @@ def fake_srun(tmp_path: Path) -> Path:
 
 
 def test_slurm_sbatch_equals_torchrun(torchrun_one_node, tokens, tmp_path):
-    """slurm.sbatch as sbatch would run it: MASTER_ADDR from the node list, MASTER_PORT from the job id."""
+    """slurm.sbatch as sbatch would run it on two nodes: MASTER_ADDR from the node list, MASTER_PORT from the
+    job id, local ids per node."""
     fake_srun(tmp_path)
     port = free_port(20000, 30000)                  # the range bootstrap maps job ids into
-    env = script_env(SLURM_JOB_ID=str(port - 20000 + 70000), SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
-                     SLURM_CPUS_PER_TASK="1", EP="2")
+    # Two "nodes" of one task each: rank 0's host is the first of the list (both tasks run here, on localhost).
+    env = script_env(SLURM_JOB_ID=str(port - 20000 + 70000), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1",
+                     SLURM_JOB_NODELIST="localhost,gpu[7]", SLURM_CPUS_PER_TASK="1", EP="2")
     env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
     run = run_all([([str(LAUNCH / "slurm.sbatch"), *args_for(tokens, tmp_path / "run")], env)], cwd=tmp_path)[0]
     out = ok(run)
