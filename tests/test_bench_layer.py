@@ -40,7 +40,7 @@ def _one_k(mode, k):
     bench_layer.copy_weights_to_deepspeed(ds, ours)
     x = torch.randn(1, 48, 16, generator=torch.Generator().manual_seed(1))
     out = {}
-    for name, layer in (("ours", ours), ("ds", ds)):
+    for name, layer in (("ours", ours), ("ds", ds), ("ds_einsum", bench_layer.DeepSpeedEinsumMoE(ds))):
         xx = x.clone().requires_grad_()
         y = layer(xx)[0]
         y.square().sum().backward()
@@ -50,12 +50,14 @@ def _one_k(mode, k):
 
 def test_deepspeed_variant_computes_the_same_layer_dropless() -> None:
     """Dropless, shared weights: DeepSpeed's output and input gradient equal ours (top-1 weight = the
-    probability; top-2 renormalised over the pair, as the bench configures ours). One world-1 process:
+    probability; top-2 renormalised over the pair, as the bench configures ours), with its current sparse
+    dispatch and with the einsum dispatch the bench rebuilds from its gating functions. One world-1 process:
     DeepSpeed's groups need an initialised process group, which must not outlive the test."""
     res = run_ranks(_same_as_ours, 1, "dropless", (1, 2), timeout=240)[0]
     for k, out in res.items():
-        for a, b in zip(out["ours"], out["ds"]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"k={k}: {m}")
+        for variant in ("ds", "ds_einsum"):
+            for a, b in zip(out["ours"], out[variant]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"k={k} {variant}: {m}")
 
 
 def test_command_writes_json_and_plots(tmp_path: Path) -> None:

@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=["grouped_mm", "loop", "triton"],
                    help="our expert backends (triton only where it runs compiled, i.e. on a GPU)")
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed-MoE")
+    p.add_argument("--deepspeed-einsum", action="store_true",
+                   help="also time DeepSpeed-MoE's GShard einsum dispatch (its MOELayer up to v0.18, on its own "
+                        "gating functions): O(T²·k·D) work, so keep T small (e.g. --tokens 4096)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage breakdown")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="default: fp32 on the CPU, bf16 on a GPU")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -201,6 +204,42 @@ def copy_weights_to_deepspeed(ds, ours) -> None:
             expert.w_out_FD.copy_(ours.experts.w_out_EFD[e])
 
 
+class DeepSpeedEinsumMoE:
+    """DeepSpeed-MoE's layer as it was before its sparse dispatch (MOELayer.forward up to v0.18, ep_size=1):
+    its gating functions build dense [T, E, C] combine weights and a dispatch mask, and two einsums move
+    the tokens ("sec,sm->ecm" into the capacity-padded expert buffer, "sec,ecm->sm" back). Same gate weights
+    and experts as the installed `deepspeed` variant, which it wraps; only the dispatch differs."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def parameters(self):
+        return self.ds.parameters()
+
+    def __call__(self, x):
+        import torch
+        import torch.nn.functional as F
+        from deepspeed.moe.sharded_moe import top1gating, top2gating
+        moe = self.ds.deepspeed_moe
+        gate = moe.gate
+        d = x.shape[-1]
+        r = x.reshape(-1, d)
+        logits = F.linear(r.float(), gate.wg.weight.float())
+        if gate.k == 1:
+            l_aux, combine_sec, mask_sec, counts = top1gating(
+                logits, gate.capacity_factor, gate.min_capacity, None, None, gate.drop_tokens, gate.use_rts,
+                None, sparse_routes=False)
+        else:
+            l_aux, combine_sec, mask_sec, counts = top2gating(
+                logits, gate.capacity_factor, gate.min_capacity, gate.drop_tokens, None,
+                gate.top2_2nd_expert_sampling, sparse_routes=False)
+        E = combine_sec.shape[1]
+        dispatched_ecm = torch.einsum("sec,sm->ecm", mask_sec.type_as(r), r)
+        out_ecm = moe.experts(dispatched_ecm.reshape(1, E, -1, d)).reshape(E, -1, d)
+        y = torch.einsum("sec,ecm->sm", combine_sec.type_as(r), out_ecm)
+        return y.reshape(x.shape), l_aux, counts
+
+
 DEEPSPEED_OPTIONS = {"ep_size": 1, "use_rts": True, "top2_2nd_expert_sampling": False,
                      "noisy_gate_policy": None, "use_tutel": False}
 
@@ -299,6 +338,8 @@ def run_case(case: Case, s: dict, args, dtype, device: str, backends: list[str],
         ds = _deepspeed_layer(case, dim, hidden, args, dtype, device)
         copy_weights_to_deepspeed(ds, layer)
         fns["deepspeed"] = _step(ds, x, _deepspeed_loss, device, clock)
+        if args.deepspeed_einsum:
+            fns["deepspeed_einsum"] = _step(DeepSpeedEinsumMoE(ds), x, _deepspeed_loss, device, clock)
     elif with_ds:
         notes["deepspeed"] = f"n/a: DeepSpeed-MoE's gate supports top-k {DEEPSPEED_TOP_K} only"
     key = (case.tokens, case.top_k)
@@ -315,6 +356,9 @@ def run_case(case: Case, s: dict, args, dtype, device: str, backends: list[str],
         t = med[f"ours_{b}"]
         ratios[f"{b}_speed_vs_deepspeed"] = _ratio(med.get("deepspeed"), t)
         ratios[f"{b}_speed_vs_dense"] = _ratio(med["dense"], t)
+    for b in backends:
+        if "deepspeed_einsum" in med:
+            ratios[f"{b}_speed_vs_deepspeed_einsum"] = _ratio(med["deepspeed_einsum"], med[f"ours_{b}"])
     ratios["deepspeed_speed_vs_dense"] = _ratio(med["dense"], med.get("deepspeed"))
     return {**asdict(case), **extra,
             "median_ms": {n: t * 1e3 for n, t in med.items()},
@@ -505,6 +549,8 @@ def run(args) -> int:
         results.append(r)
         med, rat = r["median_ms"], r["ratios"]
         ds = f"deepspeed {med['deepspeed']:.1f} ms" if "deepspeed" in med else "deepspeed n/a"
+        if "deepspeed_einsum" in med:
+            ds += f", deepspeed_einsum {med['deepspeed_einsum']:.1f} ms"
         print(f"[{i + 1}/{len(cases)}] {case.label()}: "
               + ", ".join(f"{b} {med['ours_' + b]:.1f} ms" for b in backends)
               + f", {ds}, dense {med['dense']:.1f} ms | {primary}: "
