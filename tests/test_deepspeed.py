@@ -210,8 +210,6 @@ def test_missing_or_broken_user_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("section,override,message", [
     ("train", {"on_nonfinite": "skip"}, "train.on_nonfinite=skip is not supported with train.engine=deepspeed"),
-    ("checkpoint", {"every": 5}, "checkpoint.every=5: train.engine=deepspeed does not save or load checkpoints"),
-    ("checkpoint", {"resume": "must"}, "checkpoint.resume=must: train.engine=deepspeed does not save or load"),
 ])
 def test_unsupported_settings_are_refused_before_deepspeed_starts(tmp_path, section, override, message):
     from moe_dist.train.deepspeed_engine import DeepSpeedTrainer
@@ -246,6 +244,50 @@ def test_groups_that_differ_from_ours_are_refused_at_start_up():
                                                               "[0, 1] (world=4")
     assert "use one layout per process" in messages[0]
     assert all(m is not None for m in messages)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: 2 steps, save, a fresh spawn resumes and trains 2 more == 4 steps straight.
+
+def _fit(rank, world, raw):
+    from moe_dist.parallel.topology import ParallelDims, Topology
+    from moe_dist.train.deepspeed_engine import DeepSpeedTrainer
+    cfg = config.from_dict(raw)
+    config.validate(cfg)
+    topo = Topology.build(ParallelDims.create(world, ep=cfg.parallel.ep, num_experts=cfg.moe.num_experts),
+                          timeout_s=60)
+    trainer = DeepSpeedTrainer(cfg, topo=topo)
+    history = trainer.fit(progress=False)
+    return {"steps": [s.step for s in history.steps], "loss": [s.loss for s in history.steps],
+            "resumed_from": trainer.resumed_from, "last": trainer.last_checkpoint,
+            "params": {n: p.detach().clone() for n, p in trainer.model.state_dict().items()}}
+
+
+@pytest.mark.slow      # four spawns, each importing DeepSpeed
+@pytest.mark.parametrize("stage", [2, 0])
+def test_resume_continues_exactly(tmp_path, tokens, stage):
+    def raw(steps, resume, out):
+        r = tiny(tmp_path, tokens, ep=2, stage=stage, score_func="sigmoid", expert_bias=True)   # bias buffers too
+        r["train"].update(steps=steps, out_dir=str(tmp_path / out))
+        r["checkpoint"] = {"dir": str(tmp_path / ("ck" if out == "run" else out)), "resume": resume, "keep": 1}
+        return r
+    straight = run_ranks(_fit, 2, raw(4, "never", "straight"), timeout=300)
+    first = run_ranks(_fit, 2, raw(2, "never", "run"), timeout=300)
+    assert first[0]["last"] == tmp_path / "ck" / "deepspeed" / "step_000002"
+    # The lr schedule spans train.steps: a 2-step run then a 4-step resume would decay differently from
+    # 4 straight steps, so the resumed run is the one that matches, from step 2 on.
+    second = run_ranks(_fit, 2, raw(4, "must", "run"), timeout=300)
+    assert second[0]["resumed_from"] == tmp_path / "ck" / "deepspeed" / "step_000002"
+    assert second[0]["steps"] == [2, 3]
+    assert sorted(p.name for p in (tmp_path / "ck" / "deepspeed").iterdir()) == ["latest", "step_000004"]  # keep=1
+    for rank in range(2):
+        torch.testing.assert_close(torch.tensor(second[rank]["loss"]), torch.tensor(straight[rank]["loss"][2:]),
+                                   rtol=0, atol=0)
+        for name, p in straight[rank]["params"].items():
+            torch.testing.assert_close(second[rank]["params"][name], p, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    # Another layout is refused, naming what to keep equal.
+    with pytest.raises(AssertionError, match="resume with the same world size, parallel.ep and train.zero_stage"):
+        run_ranks(_fit, 2, {**raw(4, "must", "run"), "parallel": {"ep": 1}}, timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------------

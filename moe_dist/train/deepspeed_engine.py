@@ -14,6 +14,10 @@ What each side does:
   `max_norm / (norm + 1e-6)`: the native rule, tested equal. Stage 0 would clip by a per-rank norm that
   misses the other EP ranks' experts, so at stage 0 we clip with `clip_gradients` ourselves.
 
+Checkpoints (fit saves every checkpoint.every steps, at the end and on SIGTERM, and resumes from `latest`):
+one file per rank under <checkpoint dir>/deepspeed/step_NNNNNN with its model shard and its ZeRO partition;
+resuming needs the same world size, parallel.ep and train.zero_stage (see `save_checkpoint`).
+
 The generated DeepSpeed JSON (`deepspeed_config`) comes from our config; the user's file
 (`train.deepspeed_config`) overrides it key by key, except the keys that must agree with our config
 (batch sizes, gradient accumulation), which are refused with the field to change instead.
@@ -23,7 +27,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +41,7 @@ from moe_dist.config import Config, ConfigError
 from moe_dist.models.gpt import MoEGPT, ModelOutput
 from moe_dist.parallel.grads import clip_gradients
 from moe_dist.parallel.topology import Topology
+from moe_dist.train import checkpoint as ckpt
 from moe_dist.train.data import Batcher, TokenDataset
 from moe_dist.train.trainer import History, StepResult, Trainer, build_optimizer, lr_at
 
@@ -220,19 +228,11 @@ class DeepSpeedTrainer(Trainer):
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-        # Trainer.__init__ is not called: it builds a torch optimizer that DeepSpeed would not own. Trainer's
-        # class defaults leave native checkpoints off (checkpoint_root None) for this engine.
+        # Trainer.__init__ is not called: it builds a torch optimizer that DeepSpeed would not own.
         if cfg.train.on_nonfinite == "skip":
             raise ConfigError("train.on_nonfinite=skip is not supported with train.engine=deepspeed (a ZeRO step "
                               "cannot be withdrawn once gradients are reduced into partitions); use "
                               "train.on_nonfinite=raise or train.engine=native")
-        c = cfg.checkpoint
-        if c.every or c.resume == "must":
-            # DeepSpeed's own MoE checkpoint expects its MoE layer's expert modules (it would save none of ours),
-            # and our checkpoint format holds a torch optimizer, not ZeRO partitions: refuse rather than not save.
-            field = f"checkpoint.every={c.every}" if c.every else "checkpoint.resume=must"
-            raise ConfigError(f"{field}: train.engine=deepspeed does not save or load checkpoints yet; set "
-                              "checkpoint.every=0 and checkpoint.resume=auto, or use train.engine=native")
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
         if topo.tp.size > 1 or topo.etp.size > 1:
@@ -245,6 +245,8 @@ class DeepSpeedTrainer(Trainer):
             cfg.train.batch_size, cfg.train.seed, rank=topo.dp.rank, world=topo.dp.size)
         self.history = History()
         self._stop_requested = False            # Trainer.fit's SIGTERM flag
+        # Per-rank checkpoints of this engine, beside (not among) the native ones: see save_checkpoint.
+        self.checkpoint_root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints") / "deepspeed"
         self.ds_config = deepspeed_config(cfg, topo.dp.size)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
 
@@ -310,3 +312,83 @@ class DeepSpeedTrainer(Trainer):
                           seconds=time.perf_counter() - t0,
                           a2a_rows_out=sum(s.a2a_rows_out for o in outs for s in o.stats),
                           a2a_rows_leaving=leaving)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    #
+    # DeepSpeed's own engine.save_checkpoint is not used: with MoE it saves experts only from DeepSpeed's MoE
+    # layer modules (none here, so our experts would be lost), and it keeps one expert per file. Instead each
+    # rank saves its model shard and its ZeRO partition (DeepSpeed's optimizer state_dict, fp32 master copy
+    # included), and a resume needs the same world size, parallel.ep and ZeRO stage: partitions are per rank.
+    # Folder, `.tmp` rename and `latest` pointer follow moe_dist.train.checkpoint.
+
+    def _layout(self) -> dict[str, int]:
+        return {**ckpt.layout_of(self.topo), "zero_stage": self.zero_stage}
+
+    def _barrier(self) -> None:
+        if self.topo.world.handle is not None:
+            torch.distributed.barrier(group=self.topo.world.handle)
+
+    def save_checkpoint(self, step: int) -> Optional[Path]:
+        """Collective: every rank writes rank<r>.pt of the folder for `step`; rank 0 publishes it."""
+        root = self.checkpoint_root
+        final = root / ckpt.step_dir_name(step)
+        tmp = Path(ckpt.broadcast_from_rank0(str(root / f"{final.name}.tmp-{uuid.uuid4().hex[:10]}"), self.topo))
+        if self.topo.rank == 0:
+            tmp.mkdir(parents=True)
+        self._barrier()
+        torch.save({"step": step, "layout": self._layout(), "model": self.model.state_dict(),
+                    "optimizer": self.engine.optimizer.state_dict(), "rng": torch.get_rng_state()},
+                   tmp / f"rank{self.topo.rank:05d}.pt")
+        self._barrier()
+        if self.topo.rank == 0:
+            if final.exists():                  # a re-save of the same step
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            pointer = root / f"{ckpt.LATEST_NAME}.tmp-{uuid.uuid4().hex[:8]}"
+            pointer.write_text(final.name + "\n")
+            os.replace(pointer, root / ckpt.LATEST_NAME)    # last: `latest` moves only to a whole folder
+            ckpt.prune(root, self.cfg.checkpoint.keep)
+        self._barrier()
+        self.last_checkpoint = final
+        return final
+
+    def resume(self) -> int:
+        """Load `latest` per checkpoint.resume; returns the step to continue from (0: a fresh start)."""
+        c = self.cfg.checkpoint
+        latest = self.checkpoint_root / ckpt.LATEST_NAME
+        if c.resume == "never":
+            return 0
+        if not latest.is_file():
+            if c.resume == "must":
+                raise ckpt.CheckpointError(f"checkpoint.resume=must but {self.checkpoint_root} holds no DeepSpeed "
+                                           "checkpoint; set checkpoint.resume=auto to start fresh")
+            return 0
+        path = self.checkpoint_root / latest.read_text().strip()
+        f = path / f"rank{self.topo.rank:05d}.pt"
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"{latest} names {path.name}, which does not exist; delete {latest} or set "
+                                       "checkpoint.resume=never")
+        if not f.is_file():
+            raise ckpt.CheckpointError(f"{f} is missing: {path} was saved by another number of ranks; resume with "
+                                       f"the same world size, or set checkpoint.resume=never")
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        if state["layout"] != self._layout():
+            raise ckpt.CheckpointError(f"{path} was saved with {state['layout']} and this run is {self._layout()}: "
+                                       "ZeRO partitions are per rank, so resume with the same world size, parallel.ep "
+                                       "and train.zero_stage (or set checkpoint.resume=never)")
+        self.model.load_state_dict(state["model"])
+        if self.zero_stage == 0:
+            if not isinstance(self.engine.optimizer, torch.optim.Optimizer):     # bf16 wraps it (GPU only)
+                raise ckpt.CheckpointError("resuming train.zero_stage=0 with bf16 is not supported by this engine; "
+                                           "use train.zero_stage=1 or 2")
+            self.engine.optimizer.load_state_dict(state["optimizer"])
+        else:
+            # DeepSpeed reads the entry of this data-parallel rank only (a checkpoint of the same layout);
+            # the fp32 master partition comes from the file, not from the (possibly bf16) weights.
+            mine = [state["optimizer"] if r == self.topo.dp.rank else None for r in range(self.topo.dp.size)]
+            self.engine.optimizer.load_state_dict(mine, load_optimizer_states=True, load_from_fp32_weights=True)
+        torch.set_rng_state(state["rng"])
+        self.resumed_from = path
+        self._say(f"resumed from {path} (step {state['step']}, {ckpt.describe_layout(state['layout'])}, "
+                  f"ZeRO-{self.zero_stage})")
+        return int(state["step"])
