@@ -79,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, help="timed rounds per configuration (median reported)")
     p.add_argument("--warmup", type=int, help="untimed calls per variant first")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replot", metavar="JSON", help="only redraw the PNGs of an existing result file")
     p.add_argument("--out", help="result JSON (default benchmarks/results/layer_<device>[_<preset>].json); "
                                  "PNGs are written beside it")
 
@@ -455,7 +456,9 @@ def _plots(payload: dict, out: Path) -> list[Path]:
     from moe_dist.bench.report import figure, machine_note, save_figure
     written = []
     results, primary = payload["results"], payload["config"]["primary_backend"]
-    note = f"{payload['config']['device']} {payload['config']['dtype']}, {machine_note()}"
+    c = payload["config"]
+    note = (f"{c['device']} {c['dtype']}, {c['threads']} thread(s), {c.get('clock', 'wall')} clock, "
+            f"allocator {c.get('allocator', 'default')}; {machine_note(payload.get('machine'))}")
     groups = sorted({(r["tokens"], r["mode"]) for r in results})
     fig, axes = figure(1, len(groups), width=5.0, height=3.8)
     for ax, (T, mode) in zip(axes[0], groups):
@@ -491,6 +494,10 @@ def _plots(payload: dict, out: Path) -> list[Path]:
             bottom = [a + v for a, v in zip(bottom, vals)]
         ax.scatter(range(len(bd)), [b["whole_layer_ms"] for b in bd], marker="_", s=300, color="k",
                    label="whole layer", zorder=3)
+        dense = [next((r["median_ms"]["dense"] for r in results if all(r[k] == b[k] for k in
+                                                                        ("tokens", "experts", "top_k", "mode"))),
+                      float("nan")) for b in bd]
+        ax.scatter(range(len(bd)), dense, marker="_", s=300, color="C2", label="dense ideal", zorder=3)
         ax.set_xticks(range(len(bd)), [f"E={b['experts']}\nk={b['top_k']}\n{b['mode'][:4]}" for b in bd],
                       fontsize=7)
         ax.set_ylabel("ms, forward+backward")
@@ -501,6 +508,12 @@ def _plots(payload: dict, out: Path) -> list[Path]:
 
 
 def run(args) -> int:
+    if args.replot:
+        import json
+        path = Path(args.replot)
+        written = _plots(json.loads(path.read_text()), path)
+        print("wrote " + ", ".join(str(p) for p in written))
+        return 0
     import torch
     s = _settings(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
