@@ -165,10 +165,13 @@ def unpermute(y_NH: torch.Tensor, pmap: PermuteMap, weights_TK: torch.Tensor) ->
 def grouped_gemm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w[e]; rows past offsets[-1] are zero."""
     ends = offsets_E.tolist()                  # host sync: the loop needs the group bounds
-    out = x_NK.new_zeros(x_NK.shape[0], w_EKM.shape[2])
-    start = 0
+    # Concatenated, not written into slices of one buffer: autograd's backward of each in-place slice
+    # write copies the whole output gradient, which made the loop O(E·N·M) in backward.
+    parts, start = [], 0
     for e, end in enumerate(ends):
         if end > start:
-            out[start:end] = x_NK[start:end] @ w_EKM[e]
-        start = end
-    return out
+            parts.append(x_NK[start:end] @ w_EKM[e])
+        start = max(start, end)
+    if start < x_NK.shape[0] or not parts:
+        parts.append(x_NK.new_zeros(x_NK.shape[0] - start, w_EKM.shape[2]))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
