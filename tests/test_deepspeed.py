@@ -311,3 +311,21 @@ def test_launcher_script_trains_tiny_cpu_on_2_processes(tmp_path, tokens):
     steps = [row for row in rows if "lm_loss" in row]
     assert [row["step"] for row in steps] == [0, 1, 2]
     assert all(row["a2a_rows_out"] == row["a2a_rows_leaving"] > 0 for row in steps)
+
+
+def test_hostfile_example_parses_as_deepspeed_reads_it():
+    from deepspeed.launcher.runner import fetch_hostfile
+    assert dict(fetch_hostfile(str(REPO / "launch" / "hostfile.example"))) == {"node01": 8, "node02": 8}
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"NNODES": "2"}, "NNODES=2 needs HOSTFILE"),
+    ({"HOSTFILE": "/nonexistent/hosts"}, "HOSTFILE=/nonexistent/hosts does not exist"),
+    ({"HOSTFILE": str(REPO / "launch" / "hostfile.example"), "NNODES": "2", "NODE_RANK": "1"},
+     "NODE_RANK (no ssh) needs MASTER_ADDR"),
+])
+def test_launcher_script_refuses_incomplete_multi_node_settings(env, message):
+    base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "NNODES", "HOSTFILE", "NODE_RANK")}
+    r = subprocess.run([str(REPO / "launch" / "deepspeed.sh")], capture_output=True, text=True, timeout=60,
+                       env={**base, "DEEPSPEED": "/bin/false", **env})
+    assert r.returncode == 2 and message in r.stderr
