@@ -2,10 +2,11 @@
 
 Parity: the same config, seeded weights and batches trained a few steps by the native `Trainer` and by
 `DeepSpeedTrainer` in the same fresh processes (DeepSpeed's expert groups are process-global, so every case
-gets its own spawn) give the same losses, gradient norms and parameters, with ZeRO-1 and ZeRO-2 (and stage 0,
-where our own clipping replaces DeepSpeed's; EP=2×DP=2 on 4 ranks with --run-slow). Gradient clipping is active (a small train.grad_clip), so
-DeepSpeed's global norm is checked against ours. Then the generated DeepSpeed JSON and its user override, and
-the `deepspeed` launcher running `launch/deepspeed.sh` on 2 CPU processes.
+gets its own spawn) give the same losses, gradient norms, expert counts and parameters, with ZeRO-1 and ZeRO-2
+by default; with --run-slow also stage 0 (our own clipping), accumulation, pure data parallelism, EP=2×DP=2 on
+4 ranks, DeepSpeed groups in another rank order, and checkpoint resume. Clipping is active (a small
+train.grad_clip), so DeepSpeed's global norm is checked against ours. Then the generated DeepSpeed JSON and the
+user's file over it, and `launch/deepspeed.sh` under DeepSpeed's launcher on 2 CPU processes.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def tiny(tmp: Path, data: Path, ep: int, stage: int, accum: int = 1, **moe) -> d
                 "z_loss_coef": 0.001, "num_shared_experts": 1, "balance_over": "global_batch", **moe},
         "parallel": {"ep": ep},
         "train": {"batch_size": 2, "seq_len": 16, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1,
-                  "grad_clip": 0.05, "steps": STEPS, "grad_accum_steps": accum, "engine": "deepspeed", "zero_stage": stage,
+                  "grad_clip": 0.05, "steps": STEPS, "grad_accum_steps": accum, "engine": "deepspeed",
+                  "zero_stage": stage,
                   "out_dir": str(tmp / "run")},
         "data": {"path": str(data)},
     }
@@ -65,7 +67,8 @@ def _both_engines(rank, world, raw):
         init = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         steps = [trainer.train_step(s) for s in range(STEPS)]
         out[name] = {"loss": [s.loss for s in steps], "lm": [s.lm_loss for s in steps],
-                     "aux": [s.aux_loss for s in steps], "z": [s.z_loss for s in steps], "norm": [s.grad_norm for s in steps],
+                     "aux": [s.aux_loss for s in steps], "z": [s.z_loss for s in steps],
+                     "norm": [s.grad_norm for s in steps],
                      "counts": [torch.stack(s.tokens_per_expert) for s in steps],
                      "init": init, "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
                      "buffers": {n: b.clone() for n, b in trainer.model.named_buffers() if "expert_bias" in n},
@@ -297,7 +300,8 @@ def test_launcher_script_trains_tiny_cpu_on_2_processes(tmp_path, tokens):
     from distributed import free_port
     env = {**os.environ, "NUM_GPUS": "2", "EP": "2", "MASTER_PORT": str(free_port()),
            "CONFIG": str(REPO / "configs" / "tiny-cpu.yaml"), "DS_ACCELERATOR": "cpu",
-           "VIRTUAL_ENV": str(Path(sys.executable).parent.parent), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+           "VIRTUAL_ENV": str(Path(sys.executable).parent.parent),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     overrides = ["--train.steps=3", "--train.batch_size=2", "--train.seq_len=32", "--model.max_seq_len=32",
                  "--model.n_layers=2", "--model.dim=64", "--model.dense_hidden=128", "--moe.expert_hidden=64",
                  "--train.zero_stage=2", "--train.eval_batches=1", f"--data.path={tokens}",

@@ -236,8 +236,8 @@ class DeepSpeedTrainer(Trainer):
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
         if topo.tp.size > 1 or topo.etp.size > 1:
-            raise ConfigError(f"train.engine=deepspeed supports expert and data parallelism only ({topo.dims.describe()}); "
-                              "use train.engine=native for tensor parallelism")
+            raise ConfigError(f"train.engine=deepspeed supports expert and data parallelism only "
+                              f"({topo.dims.describe()}); use train.engine=native for tensor parallelism")
         torch.manual_seed(cfg.train.seed + topo.rank)    # the native trainer's per-rank jitter seed
         self.model = model or MoEGPT(cfg, topo)
         self.batcher = batcher or Batcher(
