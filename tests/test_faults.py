@@ -96,6 +96,7 @@ def test_a_dead_or_frozen_rank_makes_the_other_exit_within_the_timeout(tokens, t
         for ranks in jobs.values():
             for r in ranks:
                 r.kill()
+    print(", ".join(f"SIG{f.upper()}: rank 0 out after {w:.1f}s" for f, w in waited.items()))   # pytest -s
     for fault, ranks in jobs.items():
         err = "".join(ranks[0].err)
         assert ranks[0].proc.returncode != 0, f"{fault}: rank 0 finished although its peer was gone"
