@@ -6,6 +6,9 @@ import json
 import sys
 
 
+EXIT_TERMINATED = 143          # stopped by SIGTERM after saving a checkpoint
+
+
 def _load_config(path: str, overrides: list[str]):
     from moe_dist import config
     return config.load(path, overrides)
@@ -68,7 +71,10 @@ def cmd_train(args) -> int:
             return 2
         steps = history.steps
         if trainer.stopped_at is not None:
-            return 0        # SIGTERM: fit saved and said where; a clean exit, the next launch resumes
+            # SIGTERM: fit saved and said where. The run is not finished, so exit as a terminated process
+            # would (128+15): torchrun --max-restarts, a SLURM requeue or a retry loop then relaunch it, and
+            # the relaunch resumes from the checkpoint just written. Exit 0 would read as "all steps done".
+            return EXIT_TERMINATED
         if not steps:
             say(f"nothing to do: the checkpoint is at step {cfg.train.steps} already (train.steps); raise "
                 "train.steps to continue", flush=True)
