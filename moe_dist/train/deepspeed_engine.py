@@ -219,6 +219,17 @@ def _tag_expert_parameters(model: MoEGPT, ep: int) -> None:
         p.group_name = expert_group_name(ep)
 
 
+def _load_weights_only(path: Path) -> dict:
+    """torch.load with weights-only unpickling; ZeRO's optimizer state pickles its loss-scaler objects, which
+    are plain attribute holders, its ZeRO stage enum and its fragment addresses (two ints), so exactly those
+    classes are allowed besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class DeepSpeedTrainer(Trainer):
     """`Trainer`'s interface (fit, train_step, evaluate, history, wall_seconds, model) on a DeepSpeed engine.
     `fit`, `evaluate` and the global-loss logic are Trainer's; the step is DeepSpeed's."""
@@ -371,7 +382,7 @@ class DeepSpeedTrainer(Trainer):
         if not f.is_file():
             raise ckpt.CheckpointError(f"{f} is missing: {path} was saved by another number of ranks; resume with "
                                        f"the same world size, or set checkpoint.resume=never")
-        state = torch.load(f, map_location="cpu", weights_only=False)
+        state = _load_weights_only(f)
         if state["layout"] != self._layout():
             raise ckpt.CheckpointError(f"{path} was saved with {state['layout']} and this run is {self._layout()}: "
                                        "ZeRO partitions are per rank, so resume with the same world size, parallel.ep "
