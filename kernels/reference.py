@@ -165,13 +165,15 @@ def unpermute(y_NH: torch.Tensor, pmap: PermuteMap, weights_TK: torch.Tensor) ->
 def grouped_gemm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w[e]; rows past offsets[-1] are zero."""
     ends = offsets_E.tolist()                  # host sync: the loop needs the group bounds
-    # Concatenated, not written into slices of one buffer: autograd's backward of each in-place slice
-    # write copies the whole output gradient, which made the loop O(E·N·M) in backward.
-    parts, start = [], 0
-    for e, end in enumerate(ends):
-        if end > start:
-            parts.append(x_NK[start:end] @ w_EKM[e])
+    # split/unbind and one cat, never slices, indexing or slice writes: the backward of each of those
+    # allocates a gradient the size of the whole operand, which made the loop O(E·N·M) in backward.
+    sizes, start = [], 0
+    for end in ends:
+        sizes.append(max(end - start, 0))
         start = max(start, end)
-    if start < x_NK.shape[0] or not parts:
-        parts.append(x_NK.new_zeros(x_NK.shape[0] - start, w_EKM.shape[2]))
+    tail = x_NK.shape[0] - start
+    xs = x_NK.split(sizes + [tail])
+    parts = [x_e @ w_e for x_e, w_e, n in zip(xs, w_EKM.unbind(0), sizes) if n > 0]
+    if tail or not parts:
+        parts.append(x_NK.new_zeros(tail, w_EKM.shape[2]))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
