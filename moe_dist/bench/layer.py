@@ -10,6 +10,8 @@ the machine's load hits them alike) and reported as medians and ratios:
   capacity-padded [E, C, D] dispatch, the same SwiGLU expert as ours looped over E. Capacity mode uses the
   same capacity factor as ours; dropless mode is DeepSpeed's `drop_tokens=False` (capacity = the largest
   expert's load, every expert padded to it). Its gate supports K = 1 and 2 only: other K are "n/a".
+- `deepspeed_einsum` (`--deepspeed-einsum`): the same DeepSpeed gate and experts behind the GShard einsum
+  dispatch its MOELayer used up to v0.18 (the installed 0.19 gathers instead); O(T²) work, keep T small.
 - `dense`: one SwiGLU MLP of hidden K·F on all T tokens: the same active FLOPs with no routing, the ideal
   a sparse layer can approach.
 
@@ -17,6 +19,10 @@ The breakdown times each stage of our layer separately (forward+backward, inputs
 boundary, same data): router (+ aux loss and capacity), permute (map + gather), all-to-all (zero in the
 single-process layout: `moe-dist bench scaling` measures it on ranks), experts, unpermute. The sum of the
 stages is reported next to the whole layer, so the split can be checked.
+
+Clocks: wall (default) or `--clock cpu` (process CPU time, with `--threads 1`: robust on a machine loaded by
+others). `--reuse-freed-memory` keeps glibc from returning large blocks to the OS, whose page faults on
+every fresh activation otherwise dominate and make CPU timings depend on allocation history.
 
 Presets: `quick` (tiny shapes, seconds: tests), `default` (the issue's T=16384 shapes at K=1,2, minutes),
 `full` (E 8..128 × K 1,2,6 × T 4096,16384). Any sweep axis can be overridden on the command line.
