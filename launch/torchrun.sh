@@ -12,31 +12,9 @@
 # Every variable below has a default and may be overridden from the environment.
 set -euo pipefail
 
-if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-    echo "usage: [NNODES=N MASTER_ADDR=host MASTER_PORT=port] $0 [CONFIG] [--section.field=value ...]" >&2
-    echo "  CONFIG: the first argument, else \$CONFIG, else configs/tiny-cpu.yaml; the rest are config overrides" >&2
-    exit 0
-fi
-# The config: a first argument that is not an override, else $CONFIG (as launch/deepspeed.sh takes it).
-if [[ $# -gt 0 && $1 != --* ]]; then
-    CONFIG=$1
-    shift
-fi
-CONFIG=${CONFIG:-configs/tiny-cpu.yaml}
-if [[ ! -f $CONFIG ]]; then
-    echo "$0: config file '$CONFIG' does not exist (presets are in configs/; pass one as the first argument)" >&2
-    exit 2
-fi
+USAGE="[NNODES=N MASTER_ADDR=host MASTER_PORT=port]"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-# The interpreter of the active virtual environment, so torchrun and moe_dist come from the same install.
-PYTHON=${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}
-PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
-NNODES=${NNODES:-1}
-# One process per GPU; on a machine without nvidia-smi (a CPU run), one process unless told otherwise.
-if [[ -z ${NPROC_PER_NODE:-} ]]; then
-    NPROC_PER_NODE=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
-    [[ ${NPROC_PER_NODE:-0} -gt 0 ]] || NPROC_PER_NODE=1
-fi
 MASTER_ADDR_GIVEN=${MASTER_ADDR:-}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 # Empty on one node: torchrun --standalone picks a free port itself. Several nodes must agree on one
@@ -44,17 +22,6 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 RDZV_ID=${RDZV_ID:-moe-dist-${SLURM_JOB_ID:-${USER:-job}}}
-# Parallel sizes: empty keeps the config's value; set, they become --parallel.* overrides.
-TP=${TP:-}
-EP=${EP:-}
-ETP=${ETP:-}
-# CPU runs: one intra-op thread per rank unless told otherwise (ranks share the node's cores).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-
-sizes=()
-[[ -n $TP ]] && sizes+=("--parallel.tp=$TP")
-[[ -n $EP ]] && sizes+=("--parallel.ep=$EP")
-[[ -n $ETP ]] && sizes+=("--parallel.etp=$ETP")
 
 if [[ $NNODES -eq 1 && -z $MASTER_PORT ]]; then
     rdzv=(--standalone)

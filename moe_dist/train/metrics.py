@@ -120,6 +120,22 @@ class MetricsLogger:
                                 self.out_dir / HEATMAP_NAME)
 
 
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")          # files only: ranks have no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def _summary_writer(log_dir: Path, purge_step: Optional[int]):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -141,9 +157,7 @@ def load_records(path: str | Path, kind: str = "train") -> list[dict]:
 def plot_loss_curve(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]],
                     path: str | Path, title: str = "LM loss") -> Path:
     """Training LM loss per step (raw and a moving average) with validation points."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     steps = [s for s, _ in train]
     loss = torch.tensor([v for _, v in train], dtype=torch.float64)
@@ -159,12 +173,7 @@ def plot_loss_curve(train: Sequence[tuple[int, float]], val: Sequence[tuple[int,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_expert_load(counts_SLE: torch.Tensor, steps: Sequence[int], layer_ids: Sequence[int],
@@ -173,9 +182,7 @@ def plot_expert_load(counts_SLE: torch.Tensor, steps: Sequence[int], layer_ids: 
     assignments at that step; a last column per layer gives max/mean imbalance over time as a line.
 
     Steps are averaged into at most `max_columns` bins so long runs stay readable."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     S, L, E = counts_SLE.shape
     share_SLE = counts_SLE.float() / counts_SLE.float().sum(-1, keepdim=True).clamp_min(1)
@@ -206,9 +213,4 @@ def plot_expert_load(counts_SLE: torch.Tensor, steps: Sequence[int], layer_ids: 
             ax_imb.set_xlabel("step")
     axes[0][0].set_title(f"Expert load over training (uniform share = 1/{E} = {1 / E:.1%})")
     axes[0][1].set_title("imbalance")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
