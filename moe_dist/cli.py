@@ -79,7 +79,11 @@ def cmd_train(args) -> int:
             say(f"nothing to do: the checkpoint is at step {cfg.train.steps} already (train.steps); raise "
                 "train.steps to continue", flush=True)
             return 0
-        val = trainer.evaluate(cfg.train.eval_batches)   # every rank joins: the model's collectives need the whole group
+        evals = getattr(history, "evals", [])
+        if evals and evals[-1][0] == steps[-1].step + 1:
+            val = evals[-1][1]                             # fit evaluated the last step already
+        else:
+            val = trainer.evaluate(cfg.train.eval_batches)   # every rank joins: the model's collectives need the whole group
         first = sum(s.lm_loss for s in steps[:10]) / min(10, len(steps))
         last = sum(s.lm_loss for s in steps[-10:]) / min(10, len(steps))
         tokens = len(steps) * cfg.train.batch_size * cfg.train.seq_len * topo.dp.size * cfg.train.grad_accum_steps

@@ -184,12 +184,12 @@ def test_eval_every_is_logged_and_runs_repeat(tmp_path):
     for i in range(2):
         raw = tiny()
         raw["data"] = {"path": str(data)}
-        cfg = make_cfg(raw, eval_every=2, eval_batches=2, steps=4, out_dir=str(tmp_path / f"run{i}"))
+        cfg = make_cfg(raw, eval_every=2, eval_batches=2, steps=5, out_dir=str(tmp_path / f"run{i}"))
         trainer = Trainer(cfg)
         hist = trainer.fit(progress=False)
         runs.append([s.loss for s in hist.steps])
-        assert [s for s, _ in hist.evals] == [2]
+        assert [s for s, _ in hist.evals] == [2, 4, 5]     # every 2 steps, and the last step
         recs = [json.loads(l) for l in (tmp_path / f"run{i}" / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in recs if r["kind"] == "eval"] == [2]
+        assert [r["step"] for r in recs if r["kind"] == "eval"] == [2, 4, 5]
         assert all("z_loss" in r and "step_s" in r for r in recs if r["kind"] == "train")
     assert runs[0] == runs[1]          # same seed, same data: the same losses bit for bit

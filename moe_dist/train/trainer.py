@@ -318,7 +318,7 @@ class Trainer:
                     self.history.steps.append(r)
                     self._log(log, r, tokens_per_step, steps, progress, tty, bar)
                     done = step + 1
-                    if t.eval_every and done % t.eval_every == 0 and done < steps:
+                    if t.eval_every and (done % t.eval_every == 0 or done == steps):   # the last step too: the curve ends
                         self._log_eval(log, done)
                     if on_step:
                         on_step(r)
