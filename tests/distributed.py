@@ -7,6 +7,7 @@ waits longer than `timeout`.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import tempfile
 import traceback
@@ -17,10 +18,16 @@ import torch
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(lo: int | None = None, hi: int | None = None) -> int:
+    """A port nobody listens on now: any (port 0), or one in [lo, hi)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", random.randrange(lo, hi) if lo else 0))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
 
 
 def _entry(rank, world, port, out_dir, timeout_s, fn, args):

@@ -4,9 +4,7 @@ give an error within the collective timeout (never a hang: every subprocess wait
 import importlib.util
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import pytest
 import torch.distributed as dist
 
 from moe_dist.parallel.bootstrap import LaunchInfo, detect_launch, expand_nodelist, init_distributed, shutdown
+from distributed import free_port
 
 WORKER = str(Path(__file__).parent / "scripts" / "bootstrap_worker.py")
 WAIT_S = 90  # upper bound for any group of child processes; a hang fails the test instead of the suite
@@ -161,18 +160,6 @@ def _base_env():
     return env
 
 
-def _free_port(lo=None, hi=None):
-    """A port nobody listens on now: any (port 0) or one in [lo, hi)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", random.randrange(lo, hi) if lo else 0))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError("no free port")
-
-
 def _run(cmds_envs, wait_s=WAIT_S):
     """Start every (cmd, env) at once; return [(returncode, stdout, stderr)]. Kills all on timeout."""
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -204,7 +191,7 @@ def _results(runs):
 
 def _torchrun_envs(**extra):
     """What torchrun would give two ranks on this host, on a free port."""
-    port = str(_free_port())
+    port = str(free_port())
     return [{**_base_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
              "MASTER_PORT": port, **extra} for r in range(2)]
 
@@ -219,7 +206,7 @@ def test_torchrun_two_ranks():
     if torchrun is None:
         pytest.skip("torchrun is not installed beside this python")
     cmd = [torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), WORKER, "allreduce", "30"]
+           "--master_port", str(free_port()), WORKER, "allreduce", "30"]
     results = _results(_run([(cmd, _base_env())]))
     _check_sum(results, "torchrun")
     assert [r["local_rank"] for r in results] == [0, 1]
@@ -236,7 +223,7 @@ def _slurm_envs(**extra):
 
 
 def test_slurm_explicit_master():
-    port = _free_port()
+    port = free_port()
     results = _results(_ranks(_slurm_envs(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                                           SLURM_JOB_NODELIST="nohost[1-2]")))
     _check_sum(results, "slurm")
@@ -244,7 +231,7 @@ def test_slurm_explicit_master():
 
 
 def test_slurm_master_from_nodelist_and_job_id():
-    port = _free_port(20000, 30000)  # the range the job id maps into
+    port = free_port(20000, 30000)  # the range the job id maps into
     results = _results(_ranks(_slurm_envs(SLURM_JOB_NODELIST="localhost,node[2-3]", SLURM_JOB_ID=str(port - 10000))))
     _check_sum(results, "slurm")
     assert {(r["addr"], r["port"]) for r in results} == {("localhost", port)}

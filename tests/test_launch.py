@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -30,18 +29,6 @@ SMALL = ["--train.steps=3", "--train.batch_size=2", "--train.seq_len=32", "--mod
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE",
                  "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NNODES", "NPROC_PER_NODE", "TP", "EP", "ETP",
                  "MAX_RESTARTS", "CONFIG", "PYTHON", "MPIRUN", "MPIRUN_ARGS", "HOSTFILE", "SRUN", "SRUN_ARGS")
-
-
-def free_port(lo: int | None = None, hi: int | None = None) -> int:
-    """A port nobody listens on now: any, or one in [lo, hi)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", random.randrange(lo, hi) if lo else 0))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError("no free port")
 
 
 def script_env(**extra: str) -> dict[str, str]:
