@@ -55,6 +55,8 @@ DEEPSPEED_TOP_K = (1, 2)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="quick: tiny shapes for tests; default: T=16384, K=1,2 (minutes); full: the issue's sweep")
+    p.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                   help="the same as --preset quick (every bench command takes --quick for a smoke run)")
     p.add_argument("--tokens", type=int, nargs="+", help="tokens per rank (T); overrides the preset")
     p.add_argument("--dim", type=int, help="model dim D")
     p.add_argument("--hidden", type=int, help="expert hidden F")
