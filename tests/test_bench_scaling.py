@@ -1,6 +1,7 @@
 """moe-dist bench scaling: the alpha-beta model's arithmetic, its FLOP count against an independent formula,
-its byte counts against `moe-dist plan`, and one measured run on 2 gloo ranks whose all-to-all bytes equal
-the plan's (balanced routing) and whose JSON and PNG are written."""
+its byte counts against `moe-dist plan`, one measured run on 2 gloo ranks whose all-to-all bytes equal
+the plan's (balanced routing) and whose JSON and PNG are written, and the TP collective count
+(`tp_collectives`) against the calls and bytes measured on 2 gloo ranks with tp=2."""
 from __future__ import annotations
 
 import argparse
@@ -131,3 +132,76 @@ def test_bad_arguments_name_the_flag(flags, match):
     scaling.add_arguments(parser)
     with pytest.raises(config.ConfigError, match=match):
         scaling.run(parser.parse_args(flags))
+
+
+def test_gpu_tp_term_is_ring_collectives_of_the_counted_bytes():
+    # Hand count, Mixtral-like shapes small enough to do on paper: 2 layers, the second MoE, tp=2 on NVLink.
+    cfg = config.load("configs/mixtral-8x7b.yaml")
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, n_layers=2, dim=1024, moe_every=2, first_dense=0),
+        moe=dataclasses.replace(cfg.moe, num_experts=4, aux_loss_coef=0.01, aux_loss_type="global",
+                                balance_over="micro_batch", num_shared_experts=0),
+        train=dataclasses.replace(cfg.train, batch_size=2, seq_len=512, dtype="bfloat16", grad_accum_steps=1,
+                                  activation_checkpointing=False),
+        parallel=dataclasses.replace(cfg.parallel, tp=2, ep=1, etp=1))
+    dims = ParallelDims.create(2, 2, 1, 1, 4)
+    act = 2 * 512 * 1024 * 2                             # [T, D] bf16 = 2 MiB
+    tc = ab.tp_collectives(cfg, dims)
+    # attention 2 layers x (1 fwd + 2 bwd); dense MLP 1 layer x (1 + 1); MoE counts 1; grads + norm 2.
+    assert tc.all_reduce_calls == 6 + 2 + 1 + 2
+    assert tc.all_reduce_bytes == 8 * act + 8 * 5 + 4 * 4 * 1024 + 4
+    assert (tc.all_gather_calls, tc.all_gather_bytes) == (2, 2 * act)
+    # Ring over 2 GPUs on one node: all-reduce 2(n-1)a + 2(n-1)/n b/B, all-gather (n-1)a + (n-1)/n b/B.
+    a, B = 3e-6, 450e9
+    want = 11 * 2 * a + (8 * act + 40 + 16 * 1024 + 4) / B + 2 * (a + 0.5 * act / B)
+    assert ab.tp_seconds(tc, 2, NET) == pytest.approx(want, rel=1e-12)
+    e = ab.estimate(cfg, dims)
+    assert e.tp_s == pytest.approx(want, rel=1e-12)
+    assert e.step_s == pytest.approx(e.compute_s + e.alltoall_s + e.tp_s)
+    # No tp, no term; recompute repeats wo's all-reduce (2 layers) and the counts; tp across nodes takes the NIC.
+    assert ab.tp_collectives(cfg, ParallelDims(world=1)) == ab.TpCollectives()
+    rc = ab.tp_collectives(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                              activation_checkpointing=True)), dims)
+    assert rc.all_reduce_calls == tc.all_reduce_calls + 2 + 1 and rc.all_gather_calls == 2
+    assert rc.all_reduce_bytes == tc.all_reduce_bytes + 2 * act + 8 * 5
+    slow = ab.Network(gpus_per_node=1)
+    assert ab.tp_seconds(tc, 2, slow) == pytest.approx(11 * 2 * 10e-6 + (8 * act + 40 + 16 * 1024 + 4) / 50e9
+                                                       + 2 * (10e-6 + 0.5 * act / 50e9), rel=1e-12)
+
+
+def test_tp_fit_falls_back_when_not_identifiable():
+    a, b = 1e-4, 2e8
+    pts = [(c, by, c * a + by / b) for c, by in ((20, 1e6), (20, 4e6))]
+    alpha, beta, method = ab.fit_tp(pts, 5e-5, 1e9)
+    assert method == "fitted" and alpha == pytest.approx(a) and beta == pytest.approx(b)
+    # Equal (calls, bytes) at every point: only one number is known; alpha is borrowed.
+    alpha, beta, method = ab.fit_tp([pts[0], pts[0]], 5e-5, 1e9)
+    assert method.startswith("beta fitted") and alpha == 5e-5
+    assert 20 * alpha + 1e6 / beta == pytest.approx(pts[0][2])
+    assert ab.fit_tp([], 5e-5, 1e9) == (5e-5, 1e9, "all-to-all fit reused")
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_counted_tp_collectives_equal_the_measured_ones_on_two_ranks(tmp_path, recompute):
+    from moe_dist.bench.ranks import run_ranks, train_and_measure
+    tokens = tmp_path / "tok.bin"
+    prepare(None, tokens, max_bytes=100_000)
+    raw = {"model": {"dim": 16, "n_layers": 3, "n_heads": 2, "max_seq_len": 16, "dense_hidden": 32,
+                     "moe_every": 2},
+           "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 16, "num_shared_experts": 1,
+                   "aux_loss_coef": 0.01, "z_loss_coef": 0.001},
+           "parallel": {"tp": 2},
+           "train": {"seq_len": 16, "batch_size": 2, "grad_accum_steps": 2, "activation_checkpointing": recompute,
+                     "warmup_steps": 0, "out_dir": str(tmp_path / "run")},
+           "data": {"path": str(tokens)}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = config.load(tmp_path / "c.yaml")
+    res = run_ranks(train_and_measure, 2, cfg, 2, 1)
+    tc = ab.tp_collectives(cfg, ParallelDims.create(2, 2, 1, 1, 4))
+    for r in res:
+        for step in range(2):
+            by_op = r["tp_calls_by_op"][step]
+            assert by_op == {"all_reduce": tc.all_reduce_calls, "all_gather": tc.all_gather_calls}
+            assert r["tp_bytes_by_op"][step] == {"all_reduce": tc.all_reduce_bytes,
+                                                 "all_gather": tc.all_gather_bytes}
+            assert r["tp_calls"][step] == tc.calls and r["tp_s"][step] > 0

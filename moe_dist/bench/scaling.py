@@ -12,9 +12,12 @@ global batch is `--batch-per-rank`·max(ranks) sequences and the config's expert
 Measured per point: tokens/s (global batch / median step time), efficiency against linear — raw (N times the
 1-rank rate) and normalised by cores (min(N, cores) times it: each rank has one thread, so ranks beyond the
 cores share them; with 4 ranks on 2 cores the raw figure cannot exceed 50%) — all-to-all bytes per rank and
-the share of the step spent inside dist.all_to_all_single. The CPU model line is `alpha_beta.CpuFit`: the
-1-rank compute time scaled by the rank's FLOPs and by the core sharing, plus alpha-beta fitted to the
-measured all-to-all times; it is drawn solid over measured ranks and dashed beyond.
+the share of the step spent inside dist.all_to_all_single, and the same for the collectives on the
+tensor-parallel group (calls, bytes, seconds; `alpha_beta.tp_collectives` predicts the calls and bytes).
+The CPU model line is `alpha_beta.CpuFit`: the 1-rank compute time scaled by the rank's FLOPs and by the
+core sharing, plus alpha-beta fitted to the measured all-to-all times, plus a second alpha-beta for the TP
+collectives (`alpha_beta.fit_tp`; the JSON's tp_fit_method says whether it was fitted or borrowed); it is
+drawn solid over measured ranks and dashed beyond.
 The GPU panels use the shapes of `--gpu-config` (Mixtral 8x7B) with the named link and TFLOP/s inputs and
 mark the published Megatron-core figure for comparison.
 """
@@ -81,17 +84,21 @@ def measure(cfg, n: int, steps: int, warmup: int) -> dict[str, Any]:
     calls = statistics.mean(r["a2a_calls"][-1] for r in res)
     tokens = cfg.train.batch_size * cfg.train.seq_len * res[0]["dp"]
     fwd_bytes = rows * cfg.model.dim * 4
+    tp_s = statistics.median(statistics.mean(r["tp_s"][i] for r in res) for i in timed)
     return {"ranks": n, "tp": cfg.parallel.tp, "ep": cfg.parallel.ep, "dp": res[0]["dp"],
             "num_experts": cfg.moe.num_experts, "batch_per_dp_rank": cfg.train.batch_size,
             "step_s": step_s, "tokens_per_s": tokens / step_s, "a2a_s": a2a_s, "a2a_share": a2a_s / step_s,
             "a2a_calls_per_step": calls, "a2a_dispatch_bytes_per_rank": fwd_bytes,
             "a2a_bytes_per_rank_step": 4 * fwd_bytes,      # dispatch + combine, forward + backward
+            "tp_calls_per_step": statistics.mean(r["tp_calls"][-1] for r in res),
+            "tp_bytes_per_rank_step": statistics.mean(r["tp_bytes"][-1] for r in res),
+            "tp_calls_by_op": res[0]["tp_calls_by_op"][-1], "tp_s": tp_s, "tp_share": tp_s / step_s,
             "peak_rss_mib": max(r["peak_rss"] for r in res) / 2**20}
 
 
 def cpu_model(points: dict[str, list[dict]], base_cfg_for, cores: int, extra_ranks: list[int]):
     """Fit `CpuFit` to one mode's points and return (fit, {layout: [(n, modelled tokens/s)]})."""
-    from moe_dist.bench.alpha_beta import CpuFit, fit_alpha_beta, flops_per_rank
+    from moe_dist.bench.alpha_beta import CpuFit, fit_alpha_beta, fit_tp, flops_per_rank, tp_collectives
     from moe_dist.parallel.topology import ParallelDims
     from moe_dist.plan import alltoall_rows_per_layer
     from moe_dist.models.gpt import is_moe_layer
@@ -101,7 +108,10 @@ def cpu_model(points: dict[str, list[dict]], base_cfg_for, cores: int, extra_ran
     multi = [p for ps in points.values() for p in ps if p["ep"] > 1]
     alpha, beta = fit_alpha_beta([(p["a2a_calls_per_step"], p["a2a_bytes_per_rank_step"], p["a2a_s"])
                                   for p in multi])
-    fit = CpuFit(one["step_s"], cores, alpha, beta)
+    tp_pts = [p for ps in points.values() for p in ps if p["tp"] > 1]
+    tp_alpha, tp_beta, tp_method = fit_tp([(p["tp_calls_per_step"], p["tp_bytes_per_rank_step"], p["tp_s"])
+                                           for p in tp_pts], alpha, beta)
+    fit = CpuFit(one["step_s"], cores, alpha, beta, tp_alpha, tp_beta)
     calls_per_moe_layer = (statistics.mean(p["a2a_calls_per_step"] for p in multi) /
                            sum(is_moe_layer(cfg1.model, i) for i in range(cfg1.model.n_layers))) if multi else 0
     lines = {}
@@ -118,10 +128,11 @@ def cpu_model(points: dict[str, list[dict]], base_cfg_for, cores: int, extra_ran
             n_moe = sum(is_moe_layer(cfg.model, i) for i in range(cfg.model.n_layers))
             byts = 4 * n_moe * alltoall_rows_per_layer(cfg, dims)["sent"] * cfg.model.dim * 4
             calls = calls_per_moe_layer * n_moe if dims.ep > 1 else 0
-            step = fit.step(n, work, calls, byts)
+            tc = tp_collectives(cfg, dims)
+            step = fit.step(n, work, calls, byts, tc.calls, tc.bytes)
             line.append((n, cfg.train.batch_size * cfg.train.seq_len * dims.dp / step))
         lines[name] = line
-    return fit, lines
+    return fit, lines, tp_method
 
 
 def gpu_curves(gcfg, args, net, comp) -> dict[str, dict[str, list[dict]]]:
@@ -150,9 +161,10 @@ def gpu_curves(gcfg, args, net, comp) -> dict[str, dict[str, list[dict]]]:
                 e = estimate(cfg, dims, net, comp, overlap_dp=not args.no_dp_overlap)
                 rows.append({"gpus": n, "tp": tp, "ep": ep, "dp": dims.dp, "num_experts": experts,
                              "batch_per_dp_rank": batch, "step_s": e.step_s, "compute_s": e.compute_s,
-                             "alltoall_s": e.alltoall_s, "dp_allreduce_exposed_s": e.dp_allreduce_s,
+                             "alltoall_s": e.alltoall_s, "tp_collectives_s": e.tp_s,
+                             "dp_allreduce_exposed_s": e.dp_allreduce_s,
                              "tokens_per_s_per_gpu": e.tokens_per_s_per_gpu, "tflops_per_gpu": e.tflops_per_gpu,
-                             "alltoall_share": e.alltoall_share})
+                             "alltoall_share": e.alltoall_share, "tp_share": e.tp_s / e.step_s})
             out[mode][name] = rows
     return out
 
@@ -253,10 +265,11 @@ def run(args: argparse.Namespace) -> int:
                 p["efficiency_raw"] = p["tokens_per_s"] / (p["ranks"] * t1)
                 p["efficiency_per_core"] = p["tokens_per_s"] / (min(p["ranks"], cores) * t1)
                 p["oversubscribed"] = p["ranks"] > cores
-        fit, lines = cpu_model(measured[mode], lambda nm, n, m=mode: point_config(base, m, nm, n, args), cores,
+        fit, lines, tp_method = cpu_model(measured[mode], lambda nm, n, m=mode: point_config(base, m, nm, n, args), cores,
                                [2 * max(args.ranks)])
         models[mode] = {"compute_1rank_s": fit.compute_1, "cores": fit.cores, "alpha_s_per_call": fit.alpha_s,
-                        "beta_bytes_per_s": fit.beta_bytes_per_s,
+                        "beta_bytes_per_s": fit.beta_bytes_per_s, "tp_alpha_s_per_call": fit.tp_alpha_s,
+                        "tp_beta_bytes_per_s": fit.tp_beta_bytes_per_s, "tp_fit_method": tp_method,
                         "lines": {k: [{"ranks": n, "tokens_per_s": v} for n, v in line] for k, line in lines.items()}}
         for name, pts in measured[mode].items():
             model_at = dict(lines[name])
@@ -289,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
                                  f"ranks than cores time-share them (and share them with other users: see the "
                                  f"load average). efficiency_raw = tokens/s / (N·tokens/s at 1 rank); "
                                  f"efficiency_per_core divides by min(N, cores) instead.",
+        "tp_time_method": "seconds inside dist.all_reduce / all_gather / all_gather_into_tensor / reduce_scatter"
+                          "(_tensor) calls on the tp group per step, mean over ranks, median over timed steps",
         "a2a_time_method": "seconds inside dist.all_to_all_single per step (gloo blocks, so it includes waiting "
                            "for the slowest peer), mean over ranks, median over timed steps",
         "measured": measured, "cpu_model": models,
