@@ -174,6 +174,9 @@ def test_tp_fit_falls_back_when_not_identifiable():
     pts = [(c, by, c * a + by / b) for c, by in ((20, 1e6), (20, 4e6))]
     alpha, beta, method = ab.fit_tp(pts, 5e-5, 1e9)
     assert method == "fitted" and alpha == pytest.approx(a) and beta == pytest.approx(b)
+    # More bytes but no more time (oversubscribed gloo): the TP data's own latency-only fit.
+    alpha, beta, method = ab.fit_tp([(26, 2e7, 0.05), (26, 1e7, 0.07)], 5e-5, 1e9)
+    assert method == "fitted, latency only" and beta == 0 and alpha == pytest.approx(0.12 / 52)
     # Equal (calls, bytes) at every point: only one number is known; alpha is borrowed.
     alpha, beta, method = ab.fit_tp([pts[0], pts[0]], 5e-5, 1e9)
     assert method.startswith("beta fitted") and alpha == 5e-5

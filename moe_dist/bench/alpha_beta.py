@@ -250,7 +250,8 @@ class CpuFit:
 
 def fit_tp(points: list[tuple[float, float, float]], a2a_alpha: float, a2a_beta: float) -> tuple[float, float, str]:
     """(alpha, beta, method) for the TP collectives from measured (calls, bytes, seconds):
-    'fitted' when the points determine both (two different calls/bytes ratios and a non-negative solution);
+    'fitted' when the points determine both (two different calls/bytes ratios and a non-negative solution),
+    'fitted, latency only' / 'bandwidth only' when they do but one term would be negative;
     'beta fitted, alpha from the all-to-all fit' when they only fix one number (e.g. equal sizes at every
     point): the all-to-all's per-call latency, and the bandwidth that explains what is left; 'all-to-all fit
     reused' with no TP point measured (or nothing left to explain)."""
@@ -259,9 +260,13 @@ def fit_tp(points: list[tuple[float, float, float]], a2a_alpha: float, a2a_beta:
     if pts:
         A = np.array([[c, b] for c, b, _ in pts], dtype=float)
         if np.linalg.matrix_rank(A) == 2:
+            # fit_alpha_beta keeps both terms non-negative; when the data want a negative one it puts
+            # everything on the other (the times do not grow with bytes: latency only, and vice versa).
             alpha, beta = fit_alpha_beta(pts)
             if alpha > 0 and beta > 0:
                 return alpha, beta, "fitted"
+            if alpha > 0 or beta > 0:
+                return alpha, beta, "fitted, " + ("latency only" if alpha > 0 else "bandwidth only")
         rest = sum(s - c * a2a_alpha for c, _, s in pts)
         if rest > 0:
             return a2a_alpha, sum(b for _, b, _ in pts) / rest, "beta fitted, alpha from the all-to-all fit"

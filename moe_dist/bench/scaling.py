@@ -257,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
                     baseline = pt
                 measured[mode][name].append(pt)
                 print(f"  {mode:6s} {name:8s} N={n}: {pt['tokens_per_s']:9,.0f} tok/s  step {pt['step_s'] * 1e3:7.1f} ms"
-                      f"  a2a {pt['a2a_share']:5.1%} of the step, {pt['a2a_bytes_per_rank_step'] / 1024:7.0f} KiB/rank",
+                      f"  a2a {pt['a2a_share']:5.1%} of the step, {pt['a2a_bytes_per_rank_step'] / 1024:7.0f} KiB/rank"
+                      f"  tp {pt['tp_share']:5.1%}, {pt['tp_calls_per_step']:.0f} calls",
                       flush=True)
         for name, pts in measured[mode].items():
             t1 = pts[0]["tokens_per_s"]
