@@ -242,8 +242,8 @@ def state_for_dcp(model, optimizer, topo: Topology, rng: bool = True) -> dict[st
         put(f"optim.{name}.exp_avg_sq", st["exp_avg_sq"], spec)
         out[f"optim.{name}.step"] = st["step"]
     for name, b in model.named_buffers():
-        short = name.rsplit(".", 1)[-1]
-        if short not in getattr(_owner(model, name), "_non_persistent_buffers_set", set()):
+        owner, _, short = name.rpartition(".")
+        if short not in model.get_submodule(owner)._non_persistent_buffers_set:
             out[f"buffer.{name}"] = b          # e.g. the expert bias: replicated, state like a parameter
     if rng:
         # Per rank under its own key (never deduplicated): jitter noise continues exactly on resume.
@@ -251,13 +251,6 @@ def state_for_dcp(model, optimizer, topo: Topology, rng: bool = True) -> dict[st
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out[f"rng.cuda.{topo.rank}"] = torch.cuda.get_rng_state()
     return out
-
-
-def _owner(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    mod = model
-    for part in name.split(".")[:-1]:
-        mod = getattr(mod, part)
-    return mod
 
 
 def shape_fields(cfg: Config) -> dict[str, Any]:

@@ -305,8 +305,7 @@ class DeepSpeedTrainer(Trainer):
             # Gradients are whole and reduced on every rank here; DeepSpeed's stage-0 clip would use a
             # per-rank norm, so the native global norm and rule apply.
             norm = clip_gradients(self.model, self.topo, t.grad_clip)
-        terms = [self._global_loss_terms(o) for o in outs]
-        lm, aux, z = (sum(col) / len(terms) for col in zip(*terms))
+        lm, aux, z = self._global_loss_terms(outs)
         if not math.isfinite(lm + aux + z + (norm or 0.0)):
             # on_nonfinite=skip is refused at construction, so this raises naming the router.
             return self._nonfinite(step, outs, lm, aux, z, norm, lr, t0)

@@ -130,14 +130,19 @@ class Trainer:
 
     def _global_losses(self, out: ModelOutput) -> tuple[float, float]:
         """(LM loss, aux loss incl. z loss) of the global batch (the DeepSpeed engine uses this too)."""
-        lm, aux, z = self._global_loss_terms(out)
+        lm, aux, z = self._global_loss_terms([out])
         return lm, aux + z
 
-    def _global_loss_terms(self, out: ModelOutput) -> tuple[float, float, float]:
-        """(LM, load-balancing, z) losses of the global batch: LM is replicated over tp and averaged over dp;
-        each rank's aux and z losses are its share of its group's loss, so the world sum over dp gives the mean."""
-        z = sum((s.z_loss.detach().float() for s in out.stats), torch.zeros((), device=out.aux_loss.device))
-        v = torch.stack([out.lm_loss.detach().float() / self.topo.tp.size, out.aux_loss.detach().float() - z, z])
+    def _global_loss_terms(self, outs: list[ModelOutput]) -> tuple[float, float, float]:
+        """(LM, load-balancing, z) losses of the global batch, averaged over the micro-batches: LM is replicated
+        over tp and averaged over dp; each rank's aux and z losses are its share of its group's loss, so the
+        world sum over dp gives the mean. One all-reduce for all micro-batches (the sum is linear)."""
+        local = []
+        for out in outs:
+            z = sum((s.z_loss.detach().float() for s in out.stats), torch.zeros((), device=out.aux_loss.device))
+            local.append(torch.stack([out.lm_loss.detach().float() / self.topo.tp.size,
+                                      out.aux_loss.detach().float() - z, z]))
+        v = torch.stack(local).mean(0)
         all_reduce_(v, self.topo.world)
         v = (v / self.topo.dims.dp).tolist()     # host sync: logging and the non-finite decision
         return v[0], v[1], v[2]
@@ -164,8 +169,7 @@ class Trainer:
             outs.append(out)
         reduce_gradients(self.model, self.topo)
         norm = clip_gradients(self.model, self.topo, t.grad_clip)
-        terms = [self._global_loss_terms(o) for o in outs]
-        lm, aux, z = (sum(col) / len(terms) for col in zip(*terms))
+        lm, aux, z = self._global_loss_terms(outs)
         a2a_out = sum(s.a2a_rows_out for o in outs for s in o.stats)
         # Every rank holds the same all-reduced losses and norm, so every rank takes this branch together.
         if not math.isfinite(lm + aux + z + norm):
