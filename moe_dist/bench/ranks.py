@@ -1,26 +1,15 @@
-"""Run a function on N gloo CPU ranks in fresh spawned processes and collect what each returns.
+"""Measured training runs on N gloo CPU ranks for the benchmarks (spawned by `moe_dist.parallel.spawn`).
 
-The benchmarks need fresh processes for two reasons: every measurement starts from the same state (no warm
-allocator, no earlier run's peak RSS in `ru_maxrss`), and a rank count is a real process count. Each rank
-gets `threads` intra-op threads (default 1): ranks that share a few cores thrash with torch's default of
-one thread per core. A rank that raises fails the call with its traceback; nothing waits past `timeout_s`.
+Fresh processes per measurement: every run starts from the same state (no warm allocator, no earlier run's
+peak RSS in `ru_maxrss`), and a rank count is a real process count.
 """
 from __future__ import annotations
 
 import os
 import resource
-import socket
-import tempfile
-import traceback
-from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from moe_dist.parallel.spawn import RanksFailed, free_port, run_ranks  # noqa: F401  (the benchmarks' entry points)
 
 
 def rss_bytes() -> int:
@@ -36,84 +25,6 @@ def peak_rss_bytes() -> int:
     """This process's peak RSS so far (getrusage ru_maxrss is KiB on Linux). It sees torch's CPU allocations,
     which tracemalloc does not; it never goes down, hence fresh processes per measurement."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _entry(rank: int, world: int, port: int, out_dir: str, threads: int, timeout_s: float,
-           fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      OMP_NUM_THREADS=str(threads))
-    import torch
-    import torch.distributed as dist
-    torch.set_num_threads(threads)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-        result = fn(rank, world, *args)
-        torch.save({"ok": result}, Path(out_dir) / f"rank{rank}.pt")
-        dist.destroy_process_group()
-    except BaseException:
-        torch.save({"error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
-        raise
-
-
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, timeout_s: float = 600.0,
-              collective_timeout_s: float = 120.0, port_tries: int = 3) -> list[Any]:
-    """fn(rank, world, *args) on `world` gloo ranks (a process group exists even for world=1, so `fn` can
-    build a Topology either way); returns the per-rank results. `fn` and `args` must be picklable
-    (a module-level function). The rendezvous port is picked free and then bound by rank 0 a moment later;
-    another process on the machine can take it in between, so an EADDRINUSE start is retried on a new port."""
-    if world < 1:
-        raise ValueError(f"world={world}: need at least one rank")
-    for attempt in range(port_tries):
-        try:
-            return _run_once(fn, world, args, threads, timeout_s, collective_timeout_s)
-        except _PortTaken:
-            if attempt == port_tries - 1:
-                raise RuntimeError(f"the rendezvous port was taken {port_tries} times in a row") from None
-    raise AssertionError("unreachable")
-
-
-class _PortTaken(RuntimeError):
-    pass
-
-
-def _run_once(fn, world, args, threads, timeout_s, collective_timeout_s) -> list[Any]:
-    import torch
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as out_dir:
-        port = free_port()
-        procs = [ctx.Process(target=_entry, args=(r, world, port, out_dir, threads, collective_timeout_s, fn, args))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout_s)
-            port_lost = Path(out_dir, "rank0.pt").exists() and p is procs[0] and "EADDRINUSE" in str(
-                torch.load(Path(out_dir, "rank0.pt"), weights_only=False).get("error", ""))
-            if port_lost:                  # the others wait for a store that never comes: stop them now
-                for q in procs:
-                    q.kill()
-                    q.join()
-                raise _PortTaken()
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        results, errors = [], []
-        for r in range(world):
-            f = Path(out_dir) / f"rank{r}.pt"
-            data = torch.load(f, weights_only=False) if f.exists() else {"error": f"rank {r} wrote nothing"}
-            if "error" in data:
-                errors.append((r, data["error"]))
-            results.append(data.get("ok"))
-        if errors:
-            # The first rank to fail is the cause; the others usually report its closed connection.
-            raise RuntimeError(f"ranks {[r for r, _ in errors]} failed (hung: {hung}):\n"
-                               + "\n".join(f"--- rank {r} ---\n{e}" for r, e in errors))
-        if hung:
-            raise RuntimeError(f"ranks {hung} did not finish within {timeout_s}s")
-        return results
 
 
 def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
