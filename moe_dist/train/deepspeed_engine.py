@@ -42,8 +42,8 @@ from moe_dist.models.gpt import MoEGPT, ModelOutput
 from moe_dist.parallel.grads import clip_gradients
 from moe_dist.parallel.topology import Topology
 from moe_dist.train import checkpoint as ckpt
-from moe_dist.train.data import Batcher, TokenDataset
-from moe_dist.train.trainer import History, StepResult, Trainer, build_optimizer, lr_at
+from moe_dist.train.data import Batcher
+from moe_dist.train.trainer import StepResult, Trainer, build_optimizer, lr_at
 
 # Keys of the DeepSpeed JSON that our config owns: a user file may repeat them only with the same value.
 _OWNED = {"train_micro_batch_size_per_gpu": "train.batch_size",
@@ -244,20 +244,13 @@ class DeepSpeedTrainer(Trainer):
             raise ConfigError("train.on_nonfinite=skip is not supported with train.engine=deepspeed (a ZeRO step "
                               "cannot be withdrawn once gradients are reduced into partitions); use "
                               "train.on_nonfinite=raise or train.engine=native")
-        self.cfg = cfg
-        self.topo = topo = topo or Topology.single()
+        topo = topo or Topology.single()
         if topo.tp.size > 1 or topo.etp.size > 1:
             raise ConfigError(f"train.engine=deepspeed supports expert and data parallelism only "
                               f"({topo.dims.describe()}); use train.engine=native for tensor parallelism")
-        torch.manual_seed(cfg.train.seed + topo.rank)    # the native trainer's per-rank jitter seed
-        self.model = model or MoEGPT(cfg, topo)
-        self.batcher = batcher or Batcher(
-            TokenDataset(cfg.data.path, cfg.train.seq_len, "train", cfg.data.val_fraction),
-            cfg.train.batch_size, cfg.train.seed, rank=topo.dp.rank, world=topo.dp.size)
-        self.history = History()
-        self._stop_requested = False            # Trainer.fit's SIGTERM flag
+        self._init_run(cfg, topo, model, batcher)     # the native trainer's seed, model, batcher and flags
         # Per-rank checkpoints of this engine, beside (not among) the native ones: see save_checkpoint.
-        self.checkpoint_root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints") / "deepspeed"
+        self.checkpoint_root = self.checkpoint_root / "deepspeed"
         self.ds_config = deepspeed_config(cfg, topo.dp.size)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
 

@@ -95,20 +95,25 @@ class Trainer:
 
     def __init__(self, cfg: Config, model: Optional[MoEGPT] = None, batcher: Optional[Batcher] = None,
                  topo: Optional[Topology] = None):
+        self._init_run(cfg, topo, model, batcher)
+        self.model.to(default_device())
+        self.optimizer = build_optimizer(self.model, cfg.train)
+
+    def _init_run(self, cfg: Config, topo: Optional[Topology], model: Optional[MoEGPT],
+                  batcher: Optional[Batcher]) -> None:
+        """Everything but the optimizer (the DeepSpeed engine builds its own and shares the rest)."""
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
         # Seeds: weights come from (train.seed, name) whatever the layout (MoEGPT.reset_parameters); the global
         # RNG (router jitter) differs per rank like per micro-batch, and is saved per rank in checkpoints.
         torch.manual_seed(cfg.train.seed + topo.rank)
         self.model = model or MoEGPT(cfg, topo)
-        self.model.to(default_device())
-        self.optimizer = build_optimizer(self.model, cfg.train)
         self.batcher = batcher or Batcher(
             TokenDataset(cfg.data.path, cfg.train.seq_len, "train", cfg.data.val_fraction),
             cfg.train.batch_size, cfg.train.seed, rank=topo.dp.rank, world=topo.dp.size)
         self.history = History()
         self.checkpoint_root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
-        self._stop_requested = False
+        self._stop_requested = False             # set by the SIGTERM handler while `fit` runs
 
     @property
     def is_logger(self) -> bool:
