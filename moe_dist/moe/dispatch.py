@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
-import torch.distributed as dist
 
 from moe_dist.kernels.reference import PermuteMap, make_permute_map, permute, unpermute
-from moe_dist.parallel.comm import all_to_all
+from moe_dist.parallel.comm import all_to_all, exchange_counts, gather_stack
 from moe_dist.parallel.topology import Group
 
 
@@ -109,8 +108,8 @@ class AllToAllDispatcher:
         pmap = make_permute_map(indices_TK, self.num_experts, keep_TK)
         x_ND = self._permute(x_TD, pmap)
         send_PL = pmap.counts_E.view(P, L)
-        recv_PL = _exchange_counts(send_PL, self.ep)
-        recv_QPL = _gather_counts(recv_PL, self.etp)
+        recv_PL = exchange_counts(send_PL, self.ep)    # recv[p, l]: rows member p sends to my expert l
+        recv_QPL = gather_stack(recv_PL, self.etp)      # [Q, P, L]: what every ETP member received
         # Host sync: the all-to-all needs its split sizes on the host. Both the send and the receive
         # counts come over in one transfer; with make_permute_map's row count (dropless sizes are data
         # dependent) these are the layer's two waits.
@@ -154,21 +153,3 @@ def keep_connected(out: torch.Tensor, empty_src: torch.Tensor) -> torch.Tensor:
     may return fresh zeros; then backward would skip this rank's all-to-alls, which every member of the
     group must join, and the other ranks would wait until the timeout."""
     return out + empty_src.sum() if empty_src.shape[0] == 0 and empty_src.requires_grad else out
-
-
-def _exchange_counts(send_PL: torch.Tensor, ep: Group) -> torch.Tensor:
-    """recv[p, l] = rows EP member p sends to this rank's local expert l."""
-    if ep.handle is None:
-        return send_PL
-    recv = torch.empty_like(send_PL)
-    dist.all_to_all_single(recv, send_PL.contiguous(), group=ep.handle)
-    return recv
-
-
-def _gather_counts(recv_PL: torch.Tensor, etp: Group) -> torch.Tensor:
-    """[Q, P, L]: what every ETP member received, for the all-gather's split sizes."""
-    if etp.handle is None:
-        return recv_PL.unsqueeze(0)
-    parts = [torch.empty_like(recv_PL) for _ in range(etp.size)]
-    dist.all_gather(parts, recv_PL.contiguous(), group=etp.handle)
-    return torch.stack(parts)

@@ -9,21 +9,74 @@ Tensor-parallel conventions (Megatron's f / g operators):
     reduce_from_group   forward all-reduce (sum), backward identity
     split_rows          forward keep my row block, backward all-gather
     gather_rows         forward all-gather rows,  backward keep my row block
+
+Every collective the package issues goes through `_issue` here, so `observe_collectives` sees each one
+(operation, group, bytes, seconds): the benchmarks count and time communication through that hook instead
+of patching `torch.distributed`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from moe_dist.parallel.topology import Group
+from moe_dist.parallel.topology import Group, Topology
+
+
+@dataclass(frozen=True)
+class CollectiveCall:
+    """One collective as `observe_collectives` reports it. `nbytes` is the full-size tensor: the input of an
+    all-reduce, broadcast or all-to-all (what this rank sends), the gathered output of an all-gather."""
+    op: str                      # "all_to_all", "all_reduce", "all_gather", "broadcast", "barrier"
+    group: Group
+    nbytes: int
+    seconds: float               # wall time inside the call (gloo blocks: includes waiting for the peers)
+
+
+# The observers of the `observe_collectives` blocks now open in this process. Module state, unlike the
+# process groups: a hook must see collectives issued deep inside modules that take no extra argument for it,
+# and it costs one empty-list test per collective when nobody observes.
+_OBSERVERS: list[Callable[[CollectiveCall], None]] = []
+
+
+@contextlib.contextmanager
+def observe_collectives(callback: Callable[[CollectiveCall], None]) -> Iterator[None]:
+    """Call `callback(CollectiveCall)` after every collective issued through this module inside the block."""
+    _OBSERVERS.append(callback)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(callback)
+
+
+def _nbytes(t: torch.Tensor | Sequence[torch.Tensor]) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    return sum(x.numel() * x.element_size() for x in t)
+
+
+def _issue(op: str, group: Group, nbytes: int, call: Callable[[], Any]) -> Any:
+    if not _OBSERVERS:
+        return call()
+    t0 = time.perf_counter()
+    try:
+        return call()
+    finally:
+        record = CollectiveCall(op, group, nbytes, time.perf_counter() - t0)
+        for observer in list(_OBSERVERS):
+            observer(record)
 
 
 def _a2a(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group: Group) -> torch.Tensor:
     out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=list(recv), input_split_sizes=list(send),
-                           group=group.handle)
+    x = x.contiguous()
+    _issue("all_to_all", group, _nbytes(x),
+           lambda: dist.all_to_all_single(out, x, output_split_sizes=list(recv), input_split_sizes=list(send),
+                                          group=group.handle))
     return out
 
 
@@ -47,7 +100,7 @@ def all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequenc
 
 def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     x = x.clone()
-    dist.all_reduce(x, group=group.handle)
+    _issue("all_reduce", group, _nbytes(x), lambda: dist.all_reduce(x, group=group.handle))
     return x
 
 
@@ -82,10 +135,15 @@ def reduce_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group.handle is None else _ReduceFromGroup.apply(x, group)
 
 
-def _gather_rows(x: torch.Tensor, group: Group) -> torch.Tensor:
+def _all_gather(x: torch.Tensor, group: Group) -> list[torch.Tensor]:
     parts = [torch.empty_like(x) for _ in range(group.size)]
-    dist.all_gather(parts, x.contiguous(), group=group.handle)
-    return torch.cat(parts, 0)
+    x = x.contiguous()
+    _issue("all_gather", group, _nbytes(parts), lambda: dist.all_gather(parts, x, group=group.handle))
+    return parts
+
+
+def _gather_rows(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return torch.cat(_all_gather(x, group), 0)
 
 
 class _SplitRows(torch.autograd.Function):
@@ -127,5 +185,40 @@ def gather_rows(x: torch.Tensor, group: Group) -> torch.Tensor:
 def all_reduce_(x: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all-reduce of a tensor outside autograd (statistics, gradients)."""
     if group.handle is not None:
-        dist.all_reduce(x, op=op, group=group.handle)
+        _issue("all_reduce", group, _nbytes(x), lambda: dist.all_reduce(x, op=op, group=group.handle))
     return x
+
+
+def exchange_counts(send: torch.Tensor, group: Group) -> torch.Tensor:
+    """recv[j] = what member j put in its send[this rank]: an equal-split all-to-all along dim 0, outside
+    autograd (the dispatcher's per-expert row counts)."""
+    if group.handle is None:
+        return send
+    recv = torch.empty_like(send)
+    send = send.contiguous()
+    _issue("all_to_all", group, _nbytes(send), lambda: dist.all_to_all_single(recv, send, group=group.handle))
+    return recv
+
+
+def gather_stack(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[group.size, *x.shape]: every member's `x`, outside autograd (a size in one view per member)."""
+    if group.handle is None:
+        return x.unsqueeze(0)
+    return torch.stack(_all_gather(x, group))
+
+
+def broadcast_from_rank0(obj: Any, topo: Topology) -> Any:
+    """Rank 0's (picklable) value on every rank: a collective over the world. Used for decisions every rank
+    must take alike (which checkpoint to load, whether to stop)."""
+    if topo.world.handle is None:          # one process (or a virtual layout without process groups)
+        return obj
+    box = [obj]
+    _issue("broadcast", topo.world, 0,
+           lambda: dist.broadcast_object_list(box, src=0, group=topo.world.handle))
+    return box[0]
+
+
+def barrier(group: Group) -> None:
+    """Wait until every member of `group` arrives (no-op on a group of one)."""
+    if group.handle is not None:
+        _issue("barrier", group, 0, lambda: dist.barrier(group=group.handle))
