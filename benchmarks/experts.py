@@ -1,41 +1,44 @@
 """Experts forward+backward: `grouped_mm` backend vs the `loop` reference, on the same routed rows.
 
-Ratios measured inside one run (same process, same inputs, interleaved repeats); JSON and a PNG under
-benchmarks/results/. Default shapes are the tiny-cpu config's (8 experts, D=128, F=256, top-2, 8×128 tokens).
+Ratios measured inside one run (same process, same inputs, interleaved rotated repeats of the shared harness
+`moe_dist.bench.timing.measure`, wall clock). Default shapes are the tiny-cpu config's (8 experts, D=128, F=256,
+top-2, 8×128 tokens), and 32 experts beside them.
 
-    python benchmarks/experts.py [--tokens 1024 --dim 128 --hidden 256 --experts 8 --top-k 2]
+Writes experts_cpu.json and a PNG beside it under runs/bench/ in the current directory unless `--out` names
+another path; the figure committed under benchmarks/results/ was written with
+`--out benchmarks/results/experts_cpu.json`.
+
+    python benchmarks/experts.py [--tokens 1024 --dim 128 --hidden 256 --experts 8 32 --top-k 2] [--out PATH]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from moe_dist.moe.experts import GroupedExperts
+from moe_dist.bench.report import RUN_DIR
+from moe_dist.bench.timing import measure, medians, timed_call
 from moe_dist.kernels.reference import make_permute_map, permute
+from moe_dist.moe.experts import GroupedExperts
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def time_fwd_bwd(experts: GroupedExperts, x_ND: torch.Tensor, offsets: torch.Tensor, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        x = x_ND.detach().requires_grad_()
-        t0 = time.perf_counter()
-        y = experts(x, offsets)
-        y.backward(torch.ones_like(y))
-        times.append(time.perf_counter() - t0)
+def fwd_bwd_candidate(experts: GroupedExperts, x_ND: torch.Tensor, offsets: torch.Tensor):
+    """A `measure` candidate: one forward+backward on fresh leaf inputs; the gradients of the previous call
+    are dropped outside the clock, so every call allocates its gradients alike."""
+    def setup():
         experts.zero_grad(set_to_none=True)
-    return times
+
+    def fwd_bwd():
+        y = experts(x_ND.detach().requires_grad_(), offsets)
+        y.backward(torch.ones_like(y))
+    return timed_call(fwd_bwd, setup=setup)
 
 
 def run(tokens: int, dim: int, hidden: int, num_experts: int, top_k: int, dtype: torch.dtype,
-        repeats: int, seed: int = 0) -> dict:
+        repeats: int, seed: int = 0, warmup: int = 2) -> dict:
     torch.manual_seed(seed)
     x_TD = torch.randn(tokens, dim, dtype=dtype)
     indices = torch.rand(tokens, num_experts).topk(top_k, dim=-1).indices   # uniform random routing
@@ -43,15 +46,11 @@ def run(tokens: int, dim: int, hidden: int, num_experts: int, top_k: int, dtype:
     x_ND = permute(x_TD, pmap)
     backends = {b: GroupedExperts(num_experts, dim, hidden, "swiglu", b).to(dtype) for b in ("grouped_mm", "loop")}
     backends["loop"].load_state_dict(backends["grouped_mm"].state_dict())
-    for e in backends.values():                                  # warm-up
-        time_fwd_bwd(e, x_ND, pmap.offsets_E, 2)
-    samples = {b: [] for b in backends}
-    for _ in range(repeats):                                      # interleave so drift hits both alike
-        for b, e in backends.items():
-            samples[b] += time_fwd_bwd(e, x_ND, pmap.offsets_E, 1)
+    samples = measure({b: fwd_bwd_candidate(e, x_ND, pmap.offsets_E) for b, e in backends.items()},
+                      repeats, warmup)
     # Forward: 2·N·D·2F (gate+up) + 2·N·F·D (down) = 6·N·D·F; backward doubles it.
     flops = 3 * 6 * x_ND.shape[0] * dim * hidden
-    med = {b: statistics.median(s) for b, s in samples.items()}
+    med = medians(samples)
     return {
         "shape": {"tokens": tokens, "dim": dim, "hidden": hidden, "experts": num_experts, "top_k": top_k,
                   "rows": int(x_ND.shape[0]), "dtype": str(dtype).removeprefix("torch.")},
@@ -68,10 +67,14 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32])
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--out", default=str(RESULTS / "experts_cpu.json"))
+    p.add_argument("--repeats", type=int, default=30, help="timed rounds per backend")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per backend first")
+    p.add_argument("--out", default=str(RUN_DIR / "experts_cpu.json"),
+                   help="result JSON, the PNG beside it (default %(default)s under the current directory; the "
+                        "committed figure uses --out benchmarks/results/experts_cpu.json)")
     a = p.parse_args()
-    rows = [run(a.tokens, a.dim, a.hidden, e, a.top_k, torch.float32, a.repeats) for e in a.experts]
+    rows = [run(a.tokens, a.dim, a.hidden, e, a.top_k, torch.float32, a.repeats, warmup=a.warmup)
+            for e in a.experts]
     report = {"benchmark": "experts forward+backward, grouped_mm vs loop",
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "threads": torch.get_num_threads(), "device": "cpu"},

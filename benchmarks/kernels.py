@@ -2,17 +2,20 @@
 permute/unpermute vs the device's copy bandwidth. Legend: T tokens, H hidden, F expert hidden, E experts,
 K top-k, N = T·K permuted rows.
 
-GPU (bf16, `triton.testing.do_bench`): the issue's three shapes (Mixtral-like, fine-grained, E=32 k=4),
-forward and forward+backward of the up-projection GEMM x[N,H]·W[E,H,2F]; GB/s of permute and unpermute
-against a same-size device copy. Writes benchmarks/results/kernels_gpu.json and .png.
+GPU (bf16, `triton.testing.do_bench`): three shapes (Mixtral 8x7B-like E=8 k=2, fine-grained E=64 k=6, and
+E=32 k=4), forward and forward+backward of the up-projection GEMM x[N,H]·W[E,H,2F]; GB/s of permute and
+unpermute against a same-size device copy. Writes kernels_gpu.json and .png.
 
-CPU (fp32, wall clock, median of interleaved repeats): Triton cannot run natively without a GPU, so the
-same shapes scaled down (T/32, H/16, F/16) time grouped_mm vs loop and the permute/unpermute references
-against a CPU copy; the Triton kernels then run in the interpreter (TRITON_INTERPRET=1, set here before
-they are imported) at a tiny shape, for their error against the references only: interpreter times say
-nothing about GPU speed. Writes benchmarks/results/kernels_cpu.json and .png.
+CPU (fp32, wall clock, median of interleaved rotated repeats from `moe_dist.bench.timing.measure`): Triton
+cannot run natively without a GPU, so the same shapes scaled down (T/32, H/16, F/16) time grouped_mm vs loop
+and the permute/unpermute references against a CPU copy; the Triton kernels then run in the interpreter
+(TRITON_INTERPRET=1, set here before they are imported) at a tiny shape, for their error against the
+references only: interpreter times say nothing about GPU speed. Writes kernels_cpu.json and .png.
 
-    python benchmarks/kernels.py [--repeats 20] [--out PATH]
+Results go to runs/bench/ under the current directory unless `--out` names another path; the figures
+committed under benchmarks/results/ were written with `--out benchmarks/results/kernels_<device>.json`.
+
+    python benchmarks/kernels.py [--repeats 20] [--warmup 1] [--out PATH]
 """
 from __future__ import annotations
 
@@ -20,8 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -33,10 +34,11 @@ if not GPU:
 from moe_dist.kernels import ops, reference as ref                   # noqa: E402
 from moe_dist.kernels._configs import unavailable_reason             # noqa: E402
 from moe_dist.moe.experts import _grouped_mm                         # noqa: E402
+from moe_dist.bench.report import RUN_DIR                            # noqa: E402
+from moe_dist.bench.timing import measure, medians, timed_call       # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-# name: (T, H, F, E, K), as the issue gives them (the fine-grained and E=32 shapes use Mixtral's T).
+# name: (T, H, F, E, K): Mixtral 8x7B's expert shapes, a fine-grained (DeepSeek-like) one and E=32 k=4
+# between them; all three at Mixtral's T.
 SHAPES = {
     "mixtral_E8_k2": (16384, 4096, 3584, 8, 2),
     "fine_E64_k6": (16384, 2048, 1408, 64, 6),
@@ -48,21 +50,19 @@ INTERPRETER_SHAPE = (24, 32)             # T, H for the interpreter's error chec
 GEMMS = {"triton": ops.grouped_gemm, "grouped_mm": _grouped_mm, "loop": ref.grouped_gemm}
 
 
-def bench(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call. GPU: do_bench (flushes L2, syncs). CPU: interleaved repeats so drift
-    hits every candidate alike."""
+def bench(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each candidate.
+
+    CPU: the shared harness (`timing.measure`: warm-up, then rounds that run every candidate once in a
+    rotated order, so load drift hits all alike), wall clock.
+    GPU: `triton.testing.do_bench`, kept on purpose: it times with CUDA events on the stream, so a sub-ms
+    kernel is not charged the host's launch and synchronise overhead that a host clock around
+    `torch.cuda.synchronize()` adds; and it zeroes a buffer larger than L2 before every call, so each kernel
+    starts from cold cache, as it does inside a training step where other layers ran in between."""
     if GPU:
         import triton.testing
         return {k: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median") / 1e3 for k, f in fns.items()}
-    for f in fns.values():
-        f()                                                            # warm-up
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            samples[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(s) for k, s in samples.items()}
+    return medians(measure({k: timed_call(f) for k, f in fns.items()}, repeats, warmup))
 
 
 def routed(T: int, H: int, E: int, K: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -73,7 +73,7 @@ def routed(T: int, H: int, E: int, K: int, dtype: torch.dtype, device: str, seed
     return pmap, x_TH
 
 
-def gemm_row(T, H, F, E, K, dtype, device, names, repeats) -> dict:
+def gemm_row(T, H, F, E, K, dtype, device, names, repeats, warmup=1) -> dict:
     pmap, x_TH = routed(T, H, E, K, dtype, device)
     x_NH = ref.permute(x_TH, pmap).requires_grad_()
     g = torch.Generator().manual_seed(1)
@@ -91,8 +91,8 @@ def gemm_row(T, H, F, E, K, dtype, device, names, repeats) -> dict:
         return lambda: torch.autograd.grad(gemm(x_NH, w_EHM, offs), (x_NH, w_EHM), dy_NM)
 
     flops = 2 * x_NH.shape[0] * H * 2 * F
-    t_f = bench({n: fwd(GEMMS[n]) for n in names}, repeats)
-    t_fb = bench({n: fwd_bwd(GEMMS[n]) for n in names}, repeats)
+    t_f = bench({n: fwd(GEMMS[n]) for n in names}, repeats, warmup)
+    t_fb = bench({n: fwd_bwd(GEMMS[n]) for n in names}, repeats, warmup)
     row = {"fwd_s": t_f, "fwd_bwd_s": t_fb,
            "fwd_tflops": {n: flops / t / 1e12 for n, t in t_f.items()},
            "fwd_bwd_tflops": {n: 3 * flops / t / 1e12 for n, t in t_fb.items()}}
@@ -102,7 +102,7 @@ def gemm_row(T, H, F, E, K, dtype, device, names, repeats) -> dict:
     return row
 
 
-def rows_row(T, H, E, K, dtype, device, impl, repeats) -> dict:
+def rows_row(T, H, E, K, dtype, device, impl, repeats, warmup=1) -> dict:
     """permute / unpermute GB/s (bytes read + written) against a copy of the permuted tensor."""
     pmap, x_TH = routed(T, H, E, K, dtype, device)
     w_TK = torch.rand(T, K, generator=torch.Generator().manual_seed(1)).to(device)
@@ -110,7 +110,7 @@ def rows_row(T, H, E, K, dtype, device, impl, repeats) -> dict:
     size = y_NH.element_size()
     N = y_NH.shape[0]
     t = bench({"permute": lambda: impl.permute(x_TH, pmap), "unpermute": lambda: impl.unpermute(y_NH, pmap, w_TK),
-               "copy": lambda: y_NH.clone()}, repeats)
+               "copy": lambda: y_NH.clone()}, repeats, warmup)
     moved = {"permute": 2 * N * H * size, "unpermute": (N + T) * H * size, "copy": 2 * N * H * size}
     gbs = {k: moved[k] / t[k] / 1e9 for k in t}
     return {"seconds": t, "gb_per_s": gbs,
@@ -181,8 +181,11 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=20, help="CPU only: timed repeats per candidate")
-    p.add_argument("--out", default=str(RESULTS / ("kernels_gpu.json" if GPU else "kernels_cpu.json")))
+    p.add_argument("--repeats", type=int, default=20, help="CPU only: timed rounds per candidate")
+    p.add_argument("--warmup", type=int, default=1, help="CPU only: untimed calls per candidate first")
+    p.add_argument("--out", default=str(RUN_DIR / ("kernels_gpu.json" if GPU else "kernels_cpu.json")),
+                   help="result JSON, the PNG beside it (default %(default)s under the current directory; the "
+                        "committed figures use --out benchmarks/results/kernels_<device>.json)")
     a = p.parse_args()
     dtype = torch.bfloat16 if GPU else torch.float32
     device = "cuda" if GPU else "cpu"
@@ -204,8 +207,8 @@ def main() -> None:
         if not GPU:
             T, H, F = T // CPU_SCALE[0], H // CPU_SCALE[1], F // CPU_SCALE[2]
         row = {"name": name, "shape": dict(T=T, H=H, F=F, E=E, K=K, N=T * K),
-               "gemm": gemm_row(T, H, F, E, K, dtype, device, names, a.repeats),
-               "rows": rows_row(T, H, E, K, dtype, device, impl, a.repeats)}
+               "gemm": gemm_row(T, H, F, E, K, dtype, device, names, a.repeats, a.warmup),
+               "rows": rows_row(T, H, E, K, dtype, device, impl, a.repeats, a.warmup)}
         if not GPU:
             Ti, Hi = INTERPRETER_SHAPE
             row["interpreter_max_abs_error"] = dict(shape=dict(T=Ti, H=Hi, E=E, K=K),

@@ -6,9 +6,10 @@ For each layout this runs `moe-dist train` under torchrun twice:
   padded and nothing sent twice);
 - with `moe.force_balanced` (uniform routing, the assumption of `plan`): rows sent per layer per rank,
   measured vs predicted.
-Writes benchmarks/results/layouts_cpu.json and .png.
+Writes layouts_cpu.json and .png under runs/bench/ in the current directory unless `--out` names another
+path; the figure committed under benchmarks/results/ was written with `--out benchmarks/results/layouts_cpu`.
 
-    python benchmarks/layouts.py [--config configs/tiny-cpu.yaml] [--nproc 4] [--steps 30]
+    python benchmarks/layouts.py [--config configs/tiny-cpu.yaml] [--nproc 4] [--steps 30] [--out PATH]
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from moe_dist import config
+from moe_dist.bench.report import RUN_DIR
 from moe_dist.models.gpt import is_moe_layer
 from moe_dist.parallel.topology import ParallelDims
 from moe_dist.plan import alltoall_rows_per_layer
@@ -49,7 +51,9 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "configs" / "tiny-cpu.yaml"))
     ap.add_argument("--nproc", type=int, default=4)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "layouts_cpu"))
+    ap.add_argument("--out", default=str(RUN_DIR / "layouts_cpu"),
+                    help="output path without suffix (default %(default)s under the current directory; the "
+                         "committed figure uses --out benchmarks/results/layouts_cpu)")
     args = ap.parse_args()
     base = config.load(args.config)
     rows = []

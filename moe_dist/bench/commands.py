@@ -25,7 +25,8 @@ def _run(module: str):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmarks that write JSON and PNG under benchmarks/results/")
+    bench = sub.add_parser("bench", help="benchmarks that write JSON and PNG under runs/bench/ in the current "
+                           "directory, or where --out says")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     for path, module, help_ in _COMMANDS:
         try:

@@ -1,7 +1,7 @@
 """Shared helpers for benchmark results: the machine record, an atomic JSON write and matplotlib figures.
 
-Every result file says where and under what load it was measured (`machine_info`), so a number in
-benchmarks/results/ can be judged later; `write_result` adds that block and writes through a temporary file
+Every result file says where and under what load it was measured (`machine_info`), so a number read later
+can be judged; `write_result` adds that block and writes through a temporary file
 and `os.replace`, so a reader (or a crashed run) never sees half a JSON. Package versions are read from the
 installed metadata, not by importing the packages: importing DeepSpeed or Triton takes seconds and may print
 accelerator warnings.
@@ -20,7 +20,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+# Where a benchmark writes when no --out is given: runs/bench/ under the directory it runs in, like a training
+# run's runs/<name>/. Relative on purpose: an installed package never writes into its own source tree, and the
+# figures committed under benchmarks/results/ are only ever written by naming that folder with --out.
+RUN_DIR = Path("runs", "bench")
 _PACKAGES = ("torch", "deepspeed", "triton", "numpy", "matplotlib")
 
 

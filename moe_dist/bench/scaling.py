@@ -12,14 +12,19 @@ global batch is `--batch-per-rank`·max(ranks) sequences and the config's expert
 Measured per point: tokens/s (global batch / median step time), efficiency against linear — raw (N times the
 1-rank rate) and normalised by cores (min(N, cores) times it: each rank has one thread, so ranks beyond the
 cores share them; with 4 ranks on 2 cores the raw figure cannot exceed 50%) — all-to-all bytes per rank and
-the share of the step spent inside dist.all_to_all_single, and the same for the collectives on the
-tensor-parallel group (calls, bytes, seconds; `alpha_beta.tp_collectives` predicts the calls and bytes).
+the share of the step spent inside the all-to-alls, and the same for the collectives on the tensor-parallel
+group (calls, bytes, seconds; `alpha_beta.tp_collectives` predicts the calls and bytes). Calls and seconds
+come from `moe_dist.parallel.comm.observe_collectives`, which reports every collective the package issues
+(`ranks.train_and_measure`), so nothing in torch.distributed is patched.
 The CPU model line is `alpha_beta.CpuFit`: the 1-rank compute time scaled by the rank's FLOPs and by the
 core sharing, plus alpha-beta fitted to the measured all-to-all times, plus a second alpha-beta for the TP
 collectives (`alpha_beta.fit_tp`; the JSON's tp_fit_method says whether it was fitted or borrowed); it is
 drawn solid over measured ranks and dashed beyond.
 The GPU panels use the shapes of `--gpu-config` (Mixtral 8x7B) with the named link and TFLOP/s inputs and
 mark the published Megatron-core figure for comparison.
+
+Results go to runs/bench/scaling_cpu[_quick].json and .png under the current directory unless `--out` names
+another path; the figures committed under benchmarks/results/ were written with `--out benchmarks/results/...`.
 """
 from __future__ import annotations
 
@@ -121,8 +126,8 @@ def cpu_model(points: dict[str, list[dict]], base_cfg_for, cores: int, extra_ran
         for n in ns:
             try:
                 cfg = base_cfg_for(name, n)
-                dims = ParallelDims.create(n, cfg.parallel.tp, cfg.parallel.ep, 1, cfg.moe.num_experts)
-            except ValueError:
+                dims = check_layout(cfg, n)
+            except ValueError:              # LayoutError: this layout cannot run on n ranks
                 continue
             work = sum(flops_per_rank(cfg, dims).values()) / f1
             n_moe = sum(is_moe_layer(cfg.model, i) for i in range(cfg.model.n_layers))
@@ -155,8 +160,8 @@ def gpu_curves(gcfg, args, net, comp) -> dict[str, dict[str, list[dict]]]:
                     experts = E if name == "EP×DP" else experts
                 try:
                     cfg = with_layout(gcfg, tp=tp, ep=ep, batch_size=batch, num_experts=experts)
-                    dims = ParallelDims.create(n, tp, ep, 1, experts)
-                except ValueError:
+                    dims = check_layout(cfg, n)
+                except ValueError:          # LayoutError: this layout cannot run on n GPUs
                     continue
                 e = estimate(cfg, dims, net, comp, overlap_dp=not args.no_dp_overlap)
                 rows.append({"gpus": n, "tp": tp, "ep": ep, "dp": dims.dp, "num_experts": experts,
@@ -191,7 +196,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="subset of " + ", ".join(LAYOUTS))
     p.add_argument("--modes", default="weak,strong", help="weak, strong or both")
     p.add_argument("--quick", action="store_true", help="small model, ranks 1,2, 3 steps: a smoke run")
-    p.add_argument("--out", default=None, help="output path without suffix (default benchmarks/results/scaling_cpu)")
+    p.add_argument("--out", default=None, help="output path without suffix (default runs/bench/scaling_cpu[_quick] "
+                   "under the current directory; the committed figures use --out benchmarks/results/scaling_cpu)")
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -208,7 +214,7 @@ def _ints(text: str, flag: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from moe_dist import config
     from moe_dist.bench.alpha_beta import Compute, Network, model_flops_per_token
-    from moe_dist.bench.report import RESULTS_DIR, machine_info, machine_note, write_result
+    from moe_dist.bench.report import RUN_DIR, machine_info, machine_note, write_result
     from moe_dist.bench.tune_capacity import QUICK_OVERRIDES
     args.ranks = _ints("1,2" if args.quick and args.ranks == "1,2,4" else args.ranks, "--ranks")
     args.gpus = _ints(args.gpus, "--gpus")
@@ -292,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
               f"{at['tflops_per_gpu']:.0f} TFLOPS/GPU vs {PUBLISHED['tflops_per_gpu']:.0f} published "
               f"({comparison['relative_error']:+.0%})")
 
-    out = Path(args.out) if args.out else RESULTS_DIR / ("scaling_cpu_quick" if args.quick else "scaling_cpu")
+    out = Path(args.out) if args.out else RUN_DIR / ("scaling_cpu_quick" if args.quick else "scaling_cpu")
     info = machine_info()
     payload = {
         "command": "bench scaling", "config": args.config, "quick": args.quick, "steps": steps,
@@ -303,10 +309,12 @@ def run(args: argparse.Namespace) -> int:
                                  f"ranks than cores time-share them (and share them with other users: see the "
                                  f"load average). efficiency_raw = tokens/s / (N·tokens/s at 1 rank); "
                                  f"efficiency_per_core divides by min(N, cores) instead.",
-        "tp_time_method": "seconds inside dist.all_reduce / all_gather / all_gather_into_tensor / reduce_scatter"
-                          "(_tensor) calls on the tp group per step, mean over ranks, median over timed steps",
-        "a2a_time_method": "seconds inside dist.all_to_all_single per step (gloo blocks, so it includes waiting "
-                           "for the slowest peer), mean over ranks, median over timed steps",
+        "tp_time_method": "seconds inside the all-reduces and all-gathers on the tp group per step, as "
+                          "moe_dist.parallel.comm.observe_collectives reports them, mean over ranks, median over "
+                          "timed steps",
+        "a2a_time_method": "seconds inside the all-to-alls per step (count exchanges included), as "
+                           "moe_dist.parallel.comm.observe_collectives reports them (gloo blocks, so it includes "
+                           "waiting for the slowest peer), mean over ranks, median over timed steps",
         "measured": measured, "cpu_model": models,
         "gpu_model": {"config": args.gpu_config, "network": dataclasses.asdict(net),
                       "compute": {"expert_tflops": comp.expert_tflops, "dense_tflops": comp.dense_tflops},

@@ -12,7 +12,9 @@ For every factor (default 1.0, 1.25, 1.5, 2.0 and dropless) a short training run
 - the LM loss after N steps (mean of the last few steps) relative to the dropless run.
 The recommendation is the smallest factor whose worst layer drops at most `--drop-target` of its assignments
 and whose loss is within `--loss-tol` (relative) of dropless; dropless when none qualifies.
-Writes benchmarks/results/tune_capacity_<config>.json and .png.
+Writes runs/bench/tune_capacity_<config>[_quick].json and .png under the current directory unless `--out`
+names another path; the figures committed under benchmarks/results/ were written with
+`--out benchmarks/results/tune_capacity_<config>`.
 """
 from __future__ import annotations
 
@@ -188,13 +190,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-target", type=float, default=0.01, help="largest worst-layer drop share accepted")
     p.add_argument("--loss-tol", type=float, default=0.01, help="largest relative LM-loss increase vs dropless")
     p.add_argument("--quick", action="store_true", help="small model, 4 steps: a smoke run")
-    p.add_argument("--out", default=None, help="output path without suffix "
-                   "(default benchmarks/results/tune_capacity_<config>[_quick])")
+    p.add_argument("--out", default=None, help="output path without suffix (default "
+                   "runs/bench/tune_capacity_<config>[_quick] under the current directory; the committed figures "
+                   "use --out benchmarks/results/tune_capacity_<config>)")
 
 
 def run(args: argparse.Namespace) -> int:
     from moe_dist import config
-    from moe_dist.bench.report import RESULTS_DIR, machine_info, machine_note, write_result
+    from moe_dist.bench.report import RUN_DIR, machine_info, machine_note, write_result
     overrides = (QUICK_OVERRIDES if args.quick else []) + list(getattr(args, "overrides", []) or [])
     cfg = config.load(args.config, overrides)
     steps = args.steps if args.steps is not None else (4 if args.quick else 30)
@@ -228,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     rec = recommend(rows, args.drop_target, args.loss_tol)
     print(format_table(rows, rec))
     stem = Path(args.config).stem + ("_quick" if args.quick else "")
-    out = Path(args.out) if args.out else RESULTS_DIR / f"tune_capacity_{stem}"
+    out = Path(args.out) if args.out else RUN_DIR / f"tune_capacity_{stem}"
     info = machine_info()
     cores = info["cpus_usable"] or info["cpu_count"]
     write_result(out.with_suffix(".json"), {
