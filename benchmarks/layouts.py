@@ -28,7 +28,7 @@ import torch
 from moe_dist import config
 from moe_dist.bench.report import RUN_DIR
 from moe_dist.models.gpt import is_moe_layer
-from moe_dist.parallel.topology import ParallelDims
+from moe_dist.parallel.layout import check_layout
 from moe_dist.plan import alltoall_rows_per_layer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def main() -> None:
             sent, leaving = sum(r["a2a_rows_out"] for r in warm), sum(r["a2a_rows_leaving"] for r in warm)
             balanced = train(args.config, args.nproc, 3, Path(tmp) / "b", layout + ["--moe.force_balanced=true"])
             cfg = config.load(args.config, layout + ["--moe.force_balanced=true"])
-            dims = ParallelDims.create(args.nproc, tp, ep, etp)
+            dims = check_layout(cfg, args.nproc)
             n_moe = sum(is_moe_layer(cfg.model, i) for i in range(cfg.model.n_layers))
             predicted = alltoall_rows_per_layer(cfg, dims)["sent"]
             measured = balanced[-1]["a2a_rows_out"] / n_moe

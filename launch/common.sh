@@ -39,3 +39,12 @@ sizes=()
 [[ -n $ETP ]] && sizes+=("--parallel.etp=$ETP")
 # CPU runs: one intra-op thread per rank unless told otherwise (ranks share the node's cores).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+# Judge the layout on the world the launcher is about to start, before it starts anything: a bad layout is
+# then one error line (the same `moe-dist: layout error: ...` that plan and train print) and exit code 2,
+# instead of a message from every rank. Usage: check_layout WORLD [overrides...]
+check_layout() {
+    local world=$1
+    shift
+    "$PYTHON" -m moe_dist.cli plan "$CONFIG" --world "$world" --check "${sizes[@]}" "$@" || exit $?
+}

@@ -64,6 +64,12 @@ sizes=()
 
 [[ -n $MASTER_ADDR ]] && nodes+=(--master_addr="$MASTER_ADDR")
 
+# Judge the layout on the world about to start, before the launcher starts anything (one error line, exit 2).
+PYTHON=${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+"$PYTHON" -m moe_dist.cli plan "$CONFIG" --world $((NNODES * NUM_GPUS)) --check --train.engine=deepspeed \
+    "${sizes[@]}" "$@" || exit $?
+
 set -x
 exec "$DEEPSPEED" "${nodes[@]}" --num_gpus="$NUM_GPUS" --master_port="$MASTER_PORT" \
     --module moe_dist.cli train "$CONFIG" --train.engine=deepspeed "${sizes[@]}" "$@"

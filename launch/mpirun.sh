@@ -22,6 +22,7 @@ if [[ -z $MPIRUN ]]; then
     exit 2
 fi
 NP=$((NNODES * NPROC_PER_NODE))
+check_layout "$NP" "$@"
 HOSTFILE=${HOSTFILE:-}
 if [[ $NNODES -gt 1 && -z $HOSTFILE ]]; then
     echo "$0: NNODES=$NNODES needs HOSTFILE (one line per node: 'host slots=$NPROC_PER_NODE')" >&2

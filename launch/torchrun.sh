@@ -36,6 +36,7 @@ else
     rdzv=(--rdzv-backend=c10d "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT" "--rdzv-id=$RDZV_ID")
 fi
 
+check_layout $((NNODES * NPROC_PER_NODE)) "$@"
 set -x
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
     --max-restarts="$MAX_RESTARTS" "${rdzv[@]}" \

@@ -6,7 +6,9 @@ import json
 import sys
 
 
+EXIT_BAD_INPUT = 2             # a config, layout or argument error, reported before anything starts
 EXIT_TERMINATED = 143          # stopped by SIGTERM after saving a checkpoint
+_QUIET_RANK_WAIT_S = 20.0      # how long a rank other than 0 waits before exiting on a bad layout
 
 
 def _load_config(path: str, overrides: list[str]):
@@ -15,27 +17,37 @@ def _load_config(path: str, overrides: list[str]):
 
 
 def _start_ranks(cfg):
-    """Validate the layout against the launcher's world size, then start the process groups: every
-    error about sizes comes before any process group exists."""
+    """Judge the layout on the launcher's world size, then start the process groups: every error about sizes
+    comes before any process group exists. Every rank judges the same config and world alike, so only rank 0
+    prints a bad layout; the others exit with the same code in silence."""
     import os
 
     import torch
 
-    from moe_dist import config
+    from moe_dist.config import ConfigError
     from moe_dist.parallel import bootstrap
-    from moe_dist.parallel.topology import ParallelDims, Topology
+    from moe_dist.parallel.layout import LayoutError, check_layout
+    from moe_dist.parallel.topology import Topology
     p = cfg.parallel
     try:
         launch = bootstrap.detect_launch(os.environ)
-        config.validate_world(cfg, launch.world_size)
-        dims = ParallelDims.create(launch.world_size, p.tp, p.ep, p.etp, cfg.moe.num_experts)
-    except ValueError as e:
-        raise config.ConfigError(str(e)) from None
+    except ValueError as e:              # the launcher's variables are input too: same report, same exit code
+        raise ConfigError(str(e)) from None
+    try:
+        dims = check_layout(cfg, launch.world_size)
+    except LayoutError:
+        if launch.rank != 0:
+            # Rank 0 prints the message. Exiting now could let torchrun stop rank 0 before it does (the agent
+            # stops every worker once one fails), so wait for that stop, bounded in case rank 0 is elsewhere.
+            import time
+            time.sleep(_QUIET_RANK_WAIT_S)
+            raise SystemExit(EXIT_BAD_INPUT) from None
+        raise
     if launch.world_size > 1:
         # Ranks on one node share its cores; torch's default (all cores per rank) thrashes.
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
-    bootstrap.init_distributed(p.timeout_s, expected_world=p.world_size)
+    bootstrap.init_distributed(p.timeout_s)
     return Topology.build(dims, p.timeout_s)
 
 
@@ -133,12 +145,9 @@ def cmd_plan(args) -> int:
     world = args.world if args.world is not None else cfg.parallel.world_size
     if world is None:
         raise ConfigError("no world size: pass --world N (or set parallel.world_size in the config)")
-    try:
-        plan = make_plan(cfg, world)
-    except ConfigError:
-        raise
-    except ValueError as e:              # the layout checks of ParallelDims.create: report as config errors
-        raise ConfigError(str(e)) from e
+    plan = make_plan(cfg, world)          # a layout that cannot run raises LayoutError here
+    if args.check:
+        return 0
     print(json.dumps(to_json(plan), indent=1) if args.json else format_plan(plan, args.config))
     return 0
 
@@ -168,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config")
     pl.add_argument("--world", type=int, default=None, help="number of ranks (default: parallel.world_size)")
     pl.add_argument("--json", action="store_true", help="the same report as JSON")
+    pl.add_argument("--check", action="store_true",
+                    help="only judge the layout: print nothing and exit 0 when it can run, else one error line and "
+                         "exit 2 (the launch scripts run this before starting any rank)")
     pl.set_defaults(func=cmd_plan)
 
     from moe_dist.bench.commands import register
@@ -187,11 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"config overrides must look like --section.field=value, got {' '.join(bad)}")
     args.overrides = rest
     from moe_dist.config import ConfigError
+    from moe_dist.parallel.layout import LayoutError
     try:
         return args.func(args)
+    except LayoutError as e:
+        print(f"moe-dist: layout error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except ConfigError as e:
         print(f"moe-dist: config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -286,7 +286,9 @@ def validate_moe(m: MoEConfig) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Check every field; raise :class:`ConfigError` (a ValueError) naming the field, the value and the fix."""
+    """Check every field; raise :class:`ConfigError` (a ValueError) naming the field, the value and the fix.
+    The parallel layout is judged by `moe_dist.parallel.layout.check_layout` (here: the parts that hold for
+    any world size, or for `parallel.world_size` when it is set)."""
     m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "dense_hidden", "moe_every"):
         if getattr(m, name) < 1:
@@ -301,33 +303,6 @@ def validate(cfg: Config) -> None:
     if (m.dim // m.n_heads) % 2:
         raise ConfigError(f"model.dim/model.n_heads={m.dim // m.n_heads} must be even for rotary embeddings")
     validate_moe(cfg.moe)
-    for name in ("tp", "ep", "etp"):
-        if getattr(p, name) < 1:
-            raise ConfigError(f"parallel.{name}={getattr(p, name)}: must be >= 1")
-    if cfg.moe.num_experts % p.ep:
-        raise ConfigError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by parallel.ep={p.ep}; "
-                          "choose ep that divides the expert count")
-    if p.world_size is not None and p.world_size < 1:
-        raise ConfigError(f"parallel.world_size={p.world_size}: must be >= 1 or null")
-    if p.world_size is not None:
-        validate_world(cfg, p.world_size)
-    kv = m.n_kv_heads or m.n_heads
-    for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv),
-                        ("model.dense_hidden", m.dense_hidden)):
-        if value % p.tp:
-            raise ConfigError(f"{name}={value} is not divisible by parallel.tp={p.tp}; choose tp that divides it")
-    if (t.batch_size * t.seq_len) % p.tp:
-        raise ConfigError(f"train.batch_size·train.seq_len={t.batch_size * t.seq_len} tokens do not split over "
-                          f"parallel.tp={p.tp} (each tp rank routes 1/tp of them); change batch_size or tp")
-    if p.tp > 1 and cfg.moe.aux_loss_type == "seq" and t.batch_size % p.tp:
-        raise ConfigError(f"train.batch_size={t.batch_size}: the sequence-level aux loss with parallel.tp={p.tp} "
-                          "needs whole sequences on each tp rank; make batch_size a multiple of tp")
-    if cfg.moe.expert_hidden % p.etp:
-        raise ConfigError(f"moe.expert_hidden={cfg.moe.expert_hidden} is not divisible by parallel.etp={p.etp}; "
-                          "choose etp that divides it")
-    if cfg.moe.pad_to_capacity and p.ep * p.etp > 1:
-        raise ConfigError("moe.pad_to_capacity=True is single-process only (expert parallelism never pads on the "
-                          "wire); set it false or use parallel.ep=1, parallel.etp=1")
     if p.timeout_s <= 0:
         raise ConfigError(f"parallel.timeout_s={p.timeout_s}: must be > 0")
     for name in ("steps", "batch_size", "seq_len", "log_every"):
@@ -352,9 +327,6 @@ def validate(cfg: Config) -> None:
     if t.deepspeed_config is not None and t.engine != "deepspeed":
         raise ConfigError(f"train.deepspeed_config={t.deepspeed_config!r} is set but train.engine={t.engine!r}; "
                           "set train.engine=deepspeed or drop deepspeed_config")
-    if t.engine == "deepspeed" and (p.tp > 1 or p.etp > 1):
-        raise ConfigError(f"train.engine=deepspeed supports expert and data parallelism only (parallel.tp={p.tp}, "
-                          f"parallel.etp={p.etp}); use train.engine=native for tensor parallelism")
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
     c = cfg.checkpoint
@@ -362,17 +334,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.every={c.every}: must be >= 0 (0 saves only at the end and on SIGTERM)")
     if c.keep < 1:
         raise ConfigError(f"checkpoint.keep={c.keep}: must be >= 1")
+    # The parallel layout is judged in one place, shared with plan, train and the launchers. Imported here:
+    # the layout module builds on this one.
+    from moe_dist.parallel.layout import check_layout
+    check_layout(cfg)
 
-
-def validate_world(cfg: Config, world: int) -> None:
-    """Check that `world` ranks can hold the layout; raised before any process group is created."""
-    p = cfg.parallel
-    if p.world_size is not None and world != p.world_size:
-        raise ConfigError(f"parallel.world_size={p.world_size} but {world} ranks were launched; launch "
-                          f"{p.world_size} ranks or set parallel.world_size={world}")
-    if world % p.tp:
-        raise ConfigError(f"world size {world} is not divisible by parallel.tp={p.tp}; launch a multiple of "
-                          f"{p.tp} ranks or change tp")
-    if world % (p.ep * p.etp):
-        raise ConfigError(f"world size {world} is not divisible by parallel.ep·parallel.etp={p.ep}·{p.etp}; "
-                          f"launch a multiple of {p.ep * p.etp} ranks or change ep/etp")

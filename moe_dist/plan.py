@@ -16,9 +16,10 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from moe_dist.config import Config, MoEConfig, ModelConfig, validate_world
+from moe_dist.config import Config, MoEConfig, ModelConfig
 from moe_dist.models.gpt import is_moe_layer
 from moe_dist.moe.capacity import expert_capacity
+from moe_dist.parallel.layout import check_layout
 from moe_dist.parallel.topology import GROUP_NAMES, ParallelDims
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -178,10 +179,8 @@ def memory_per_rank(cfg: Config, dims: ParallelDims, params: ParamCounts) -> Mem
 
 
 def make_plan(cfg: Config, world: int) -> Plan:
-    """Raise a ValueError (ConfigError for config fields) naming the sizes and the fix if the layout is invalid."""
-    p = cfg.parallel
-    validate_world(cfg, world)
-    dims = ParallelDims.create(world, tp=p.tp, ep=p.ep, etp=p.etp, num_experts=cfg.moe.num_experts)
+    """The plan of `cfg` on `world` ranks; a layout that cannot run raises `LayoutError` (from check_layout)."""
+    dims = check_layout(cfg, world)
     params = param_counts(cfg, dims)
     return Plan(dims, {name: dims.rank_groups(name) for name in GROUP_NAMES},
                 [dims.coords(r) for r in range(world)], cfg.moe.num_experts // dims.ep,

@@ -51,12 +51,12 @@ def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
     import torch
 
     from moe_dist.parallel.comm import CollectiveCall, observe_collectives
-    from moe_dist.parallel.topology import ParallelDims, Topology
+    from moe_dist.parallel.layout import check_layout
+    from moe_dist.parallel.topology import Topology
     from moe_dist.train.trainer import Trainer
 
     p = cfg.parallel
-    topo = (Topology.build(ParallelDims.create(world, p.tp, p.ep, p.etp, cfg.moe.num_experts), p.timeout_s)
-            if world > 1 else Topology.single())
+    topo = Topology.build(check_layout(cfg, world), p.timeout_s) if world > 1 else Topology.single()
     trainer = Trainer(cfg, topo=topo)
     if model_hook is not None:
         model_hook(trainer.model)

@@ -104,6 +104,7 @@ def measure(cfg, n: int, steps: int, warmup: int) -> dict[str, Any]:
 def cpu_model(points: dict[str, list[dict]], base_cfg_for, cores: int, extra_ranks: list[int]):
     """Fit `CpuFit` to one mode's points and return (fit, {layout: [(n, modelled tokens/s)]})."""
     from moe_dist.bench.alpha_beta import CpuFit, fit_alpha_beta, fit_tp, flops_per_rank, tp_collectives
+    from moe_dist.parallel.layout import check_layout
     from moe_dist.parallel.topology import ParallelDims
     from moe_dist.plan import alltoall_rows_per_layer
     from moe_dist.models.gpt import is_moe_layer
@@ -142,7 +143,7 @@ def cpu_model(points: dict[str, list[dict]], base_cfg_for, cores: int, extra_ran
 
 def gpu_curves(gcfg, args, net, comp) -> dict[str, dict[str, list[dict]]]:
     from moe_dist.bench.alpha_beta import estimate, with_layout
-    from moe_dist.parallel.topology import ParallelDims
+    from moe_dist.parallel.layout import check_layout
     out: dict[str, dict[str, list[dict]]] = {"weak": {}, "strong": {}}
     E = gcfg.moe.num_experts
     for mode in ("weak", "strong"):

@@ -93,12 +93,13 @@ def sweep(cfg, factors: Sequence[Optional[float]], steps: int, ranks: int = 1, w
     import dataclasses
 
     from moe_dist.bench.ranks import run_ranks, train_and_measure
-    from moe_dist.config import validate, validate_world
+    from moe_dist.config import validate
+    from moe_dist.parallel.layout import check_layout
     rows = []
     for f in factors:
         c = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=f))
         validate(c)
-        validate_world(c, ranks)
+        check_layout(c, ranks)
         res = run_ranks(train_and_measure, ranks, c, steps, warmup, model_hook)
         rows.append(summarise(f, res, c, warmup))
         r = rows[-1]
@@ -213,12 +214,8 @@ def run(args: argparse.Namespace) -> int:
             raise config.ConfigError(f"{name}={value} is out of range; see moe-dist tune-capacity --help")
     if args.warmup >= steps:
         raise config.ConfigError(f"--warmup={args.warmup} leaves no timed step of --steps={steps}; lower --warmup")
-    try:
-        config.validate_world(cfg, args.ranks)
-        from moe_dist.parallel.topology import ParallelDims
-        ParallelDims.create(args.ranks, cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.etp, cfg.moe.num_experts)
-    except ValueError as e:
-        raise config.ConfigError(f"{e} (--ranks={args.ranks})") from None
+    from moe_dist.parallel.layout import check_layout
+    check_layout(cfg, args.ranks)        # a LayoutError names the field; the world is --ranks
     if not Path(cfg.data.path).is_file():
         raise config.ConfigError(f"data.path={cfg.data.path} does not exist; make it with "
                                  f"`moe-dist prepare-data --out {cfg.data.path}` or pass --data.path=FILE")

@@ -43,10 +43,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp: Group):
         super().__init__()
-        n_kv = cfg.n_kv_heads or cfg.n_heads
-        if cfg.n_heads % tp.size or n_kv % tp.size:
-            raise ValueError(f"model.n_heads={cfg.n_heads} and key/value heads {n_kv} must be divisible by "
-                             f"parallel.tp={tp.size}")
+        n_kv = cfg.n_kv_heads or cfg.n_heads      # both divide by tp: judged by check_layout
         self.n_heads, self.n_kv = cfg.n_heads // tp.size, n_kv // tp.size
         self.head_dim = cfg.dim // cfg.n_heads
         self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * self.head_dim, tp)

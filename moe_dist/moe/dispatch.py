@@ -97,8 +97,7 @@ class AllToAllDispatcher:
     """
 
     def __init__(self, num_experts: int, ep: Group, etp: Group, backend: str = "auto"):
-        if num_experts % ep.size:
-            raise ValueError(f"moe.num_experts={num_experts} is not divisible by parallel.ep={ep.size}")
+        # ep divides num_experts: check_layout judged the layout before any group existed.
         self.num_experts, self.ep, self.etp = num_experts, ep, etp
         self.num_local_experts = num_experts // ep.size
         self._permute, self._unpermute = row_ops(backend)

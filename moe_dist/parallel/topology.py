@@ -6,8 +6,8 @@
 `tp` varies fastest, then `ep`, then the data-parallel index: the order Megatron-core's `RankGenerator`
 uses for `tp-cp-ep-dp-pp` with cp = pp = 1, so every rank→group map here equals Megatron-core's.
 
-`ParallelDims` is pure arithmetic (no process group): `moe-dist plan` and config validation use it
-before any process starts. `Topology` adds this process's rank and the process groups, built once by
+`ParallelDims` is pure arithmetic (no process group) on sizes that `moe_dist.parallel.layout.check_layout`
+has judged (that function returns it): `moe-dist plan` uses it before any process starts. `Topology` adds this process's rank and the process groups, built once by
 `Topology.build` and passed explicitly to every module that communicates.
 """
 from __future__ import annotations
@@ -58,24 +58,6 @@ class ParallelDims:
     @property
     def edp(self) -> int:
         return self.world // (self.ep * self.etp)
-
-    @classmethod
-    def create(cls, world: int, tp: int = 1, ep: int = 1, etp: int = 1,
-               num_experts: Optional[int] = None) -> "ParallelDims":
-        """Check the layout and raise a ValueError that names the sizes and the fix."""
-        for name, v in (("world size", world), ("parallel.tp", tp), ("parallel.ep", ep), ("parallel.etp", etp)):
-            if v < 1:
-                raise ValueError(f"{name}={v}: must be >= 1")
-        if world % tp:
-            raise ValueError(f"world size {world} is not divisible by parallel.tp={tp}; "
-                             f"launch a multiple of {tp} ranks or change tp")
-        if world % (ep * etp):
-            raise ValueError(f"world size {world} is not divisible by parallel.ep·parallel.etp={ep}·{etp}={ep * etp}; "
-                             f"launch a multiple of {ep * etp} ranks or change ep/etp")
-        if num_experts is not None and num_experts % ep:
-            raise ValueError(f"moe.num_experts={num_experts} is not divisible by parallel.ep={ep}; "
-                             "choose ep that divides the expert count")
-        return cls(world=world, tp=tp, ep=ep, etp=etp)
 
     def dense_sizes(self) -> dict[str, int]:
         return {"tp": self.tp, "dp": self.dp}

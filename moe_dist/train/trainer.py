@@ -26,6 +26,7 @@ from moe_dist.config import Config, TrainConfig
 from moe_dist.models.gpt import MoEGPT, ModelOutput
 from moe_dist.parallel.comm import all_reduce_
 from moe_dist.parallel.grads import clip_gradients, reduce_gradients
+from moe_dist.parallel.layout import check_layout
 from moe_dist.parallel.topology import Topology
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train.data import Batcher, TokenDataset
@@ -104,6 +105,7 @@ class Trainer:
         """Everything but the optimizer (the DeepSpeed engine builds its own and shares the rest)."""
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
+        check_layout(cfg, topo.dims)
         # Seeds: weights come from (train.seed, name) whatever the layout (MoEGPT.reset_parameters); the global
         # RNG (router jitter) differs per rank like per micro-batch, and is saved per rank in checkpoints.
         torch.manual_seed(cfg.train.seed + topo.rank)
