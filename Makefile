@@ -35,10 +35,13 @@ $(DATA): | $(STAMP)
 # (edp=2 copies of each expert). Progress and the per-expert load across ranks print on rank 0; the loss
 # curve and the expert-load heatmap land in runs/tiny-cpu/. resume=never: every `make demo` trains afresh
 # (a plain `moe-dist train` would resume from the checkpoint the previous demo saved).
+# OMP_NUM_THREADS=1 is what torchrun sets when it is unset, where it also prints a banner saying so; the CLI then
+# gives each rank its share of the cores (torch.set_num_threads), so the value only silences the banner.
 NPROC ?= 4
 DEMO_ARGS ?= --parallel.ep=2 --train.steps=300 --train.eval_every=50 --checkpoint.resume=never
 demo: venv $(DATA)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m moe_dist.cli train configs/tiny-cpu.yaml $(DEMO_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) \
+		-m moe_dist.cli train configs/tiny-cpu.yaml $(DEMO_ARGS)
 
 # pytest's own exit code is kept in .cache/pytest-exit-code because make reports every failure
 # as 2; 5 means no tests were collected, which counts as a failure.

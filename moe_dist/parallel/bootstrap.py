@@ -6,7 +6,9 @@ Launchers, tried in this order (the first whose rank variable is set wins, so ``
 - torchrun and the deepspeed launcher: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
   ``MASTER_PORT``. DeepSpeed's launcher sets the same variables plus ``CROSS_RANK``/``CROSS_SIZE``
   (which is how it is told apart) and appends ``--local_rank=N`` to the script's arguments, so a CLI
-  started by it must accept that flag.
+  started by it must accept that flag. torchrun's agent already serves the rendezvous store on
+  ``MASTER_ADDR:MASTER_PORT`` and says so with ``TORCHELASTIC_USE_AGENT_STORE=True``; its workers then only
+  connect to it (rank 0 too).
 - OpenMPI (``mpirun``): ``OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK``. Without ``MASTER_ADDR``/``MASTER_PORT``
   rank 0 broadcasts its host name and a free port with mpi4py.
 - SLURM (``srun``): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; ``MASTER_ADDR`` defaults to the
@@ -31,6 +33,8 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from moe_dist.parallel.spawn import free_port
+
 # (launcher, rank variable, world size variable, local rank variable), in detection order.
 _LAUNCHERS = (
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
@@ -52,6 +56,7 @@ class LaunchInfo:
     master_addr: Optional[str]    # None: single process, or MPI before rank 0's broadcast
     master_port: Optional[int]
     backend: Optional[str] = None  # filled in by init_distributed
+    agent_store: bool = False     # the launcher's agent serves the store at master_addr:master_port (torchrun)
 
 
 def _int(env: Mapping[str, str], var: str) -> int:
@@ -162,6 +167,8 @@ def detect_launch(env: Mapping[str, str], expected_world: Optional[int] = None) 
         addr, port = _slurm_master(env)
     else:
         addr, port = env.get("MASTER_ADDR"), _port(env)
+    # torch's own env:// rendezvous reads the same variable the same way (rendezvous._torchelastic_use_agent_store).
+    agent_store = launcher == "torchrun" and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if launcher == "torchrun":
         if "CROSS_RANK" in env:
             launcher = "deepspeed"
@@ -170,13 +177,7 @@ def detect_launch(env: Mapping[str, str], expected_world: Optional[int] = None) 
                 raise ValueError(f"{rank_var} is set but {var} is not: export {var} "
                                  f"(the host and a free port of rank 0), or launch with torchrun")
     # MPI leaves what is missing to rank 0's broadcast in init_distributed.
-    return LaunchInfo(launcher, rank, world, local_rank, addr, port)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    return LaunchInfo(launcher, rank, world, local_rank, addr, port, agent_store=agent_store)
 
 
 def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
@@ -193,7 +194,9 @@ def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
         raise ValueError(f"OMPI_COMM_WORLD_RANK/SIZE={info.rank}/{info.world_size} but mpi4py sees "
                          f"{comm.Get_rank()}/{comm.Get_size()}: run the mpirun that matches mpi4py's MPI "
                          f"library ({MPI.Get_library_version().splitlines()[0].strip()})")
-    mine = (info.master_addr or socket.gethostname(), info.master_port or _free_port()) if info.rank == 0 else None
+    # The store will listen on every interface (other nodes connect to it), so the port must be free on all of them.
+    mine = ((info.master_addr or socket.gethostname(), info.master_port or free_port(host=""))
+            if info.rank == 0 else None)
     addr, port = comm.bcast(mine, root=0)
     return dataclasses.replace(info, master_addr=addr, master_port=port)
 
@@ -228,8 +231,11 @@ def init_distributed(timeout_s: float, backend: Optional[str] = None, expected_w
     if info.launcher == "none":
         store = dist.HashStore()  # one process: nothing to meet, so no port to find
     else:
+        # Under torchrun the agent already listens on MASTER_PORT: a rank 0 that also tried to serve the store
+        # would fail to bind, and torch (TCPStore.cpp) prints that as an error line before it carries on as a
+        # client. Every worker is a client there; elsewhere rank 0 serves the store.
         store = dist.TCPStore(info.master_addr, info.master_port, info.world_size,
-                              is_master=info.rank == 0, timeout=timeout)
+                              is_master=info.rank == 0 and not info.agent_store, timeout=timeout)
         if "TORCHELASTIC_RESTART_COUNT" in env:
             # torchrun's workers share the agent's store across restarts (TORCHELASTIC_USE_AGENT_STORE), so the
             # dead attempt's keys (gloo peer addresses) are still there; a prefix per attempt keeps them apart.

@@ -25,22 +25,32 @@ class _PortTaken(RuntimeError):
     pass
 
 
-def free_port(lo: int | None = None, hi: int | None = None) -> int:
-    """A port nobody listens on now: any (port 0), or one in [lo, hi)."""
+def free_port(lo: int | None = None, hi: int | None = None, host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now on `host`: the kernel's pick, or one drawn from [lo, hi).
+
+    `host` is where the port's future owner binds: loopback for ranks on this machine, "" (every interface) for
+    a rendezvous store that other nodes reach. The port is only free at the moment of the call; whoever binds it
+    later can lose it to another process, so they retry on EADDRINUSE (run_ranks does)."""
+    if (lo is None) != (hi is None) or (lo is not None and not 0 < lo < hi <= 65536):
+        raise ValueError(f"free_port(lo={lo}, hi={hi}): give both bounds with 0 < lo < hi <= 65536, or neither")
     for _ in range(200):
         with socket.socket() as s:
             try:
-                s.bind(("127.0.0.1", random.randrange(lo, hi) if lo else 0))
+                s.bind((host, 0 if lo is None else random.randrange(lo, hi)))
             except OSError:
                 continue
             return s.getsockname()[1]
-    raise RuntimeError("no free port")
+    span = "" if lo is None else f" in [{lo}, {hi})"
+    raise RuntimeError(f"no free port on {host or 'any interface'}{span} after 200 tries")
 
 
 def _entry(rank: int, world: int, port: int, out_dir: str, threads: int, timeout_s: float,
            fn: Callable, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       OMP_NUM_THREADS=str(threads))
+    # Rank 0 here serves its own store. Inherited from a parent that torchrun started, this variable would make
+    # torch's env:// rendezvous treat every rank as a client of a torchrun agent's store that is not on this port.
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     import torch
     import torch.distributed as dist
     torch.set_num_threads(threads)
