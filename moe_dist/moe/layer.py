@@ -1,9 +1,13 @@
-"""The MoE layer: router → capacity → dispatch → experts → combine (+ shared experts).
-Legend: B sequences, S positions, T = B·S tokens, D model dim, E experts, K top-k.
+"""The MoE layer: route → capacity → dispatch → experts → combine (+ shared experts).
+Legend: B sequences, S positions, T = B·S tokens, D model dim, E experts, K top-k, N permuted rows.
+
+Each step is a public method that `forward` composes, so a benchmark or a test can run (and time) the same
+steps one by one; the state of one forward passes between them as values (`Routing`, `CapacityResult`, the
+dispatcher's metadata), never through `self`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -11,13 +15,26 @@ import torch.nn as nn
 
 from moe_dist.config import MoEConfig
 from moe_dist.moe import losses
-from moe_dist.moe.capacity import apply_capacity, expert_capacity
-from moe_dist.moe.dispatch import AllToAllDispatcher, AllToAllMeta, Dispatcher, LocalDispatcher, keep_connected
+from moe_dist.moe.capacity import CapacityResult, apply_capacity, expert_capacity
+from moe_dist.moe.dispatch import (AllToAllDispatcher, AllToAllMeta, DispatchMeta, Dispatcher, LocalDispatcher,
+                                  keep_connected)
 from moe_dist.moe.experts import GroupedExperts, resolve_backend
 from moe_dist.moe.router import Router
 from moe_dist.parallel.comm import all_reduce_, gather_rows, split_rows
 from moe_dist.parallel.tensor_parallel import ParallelMLP, Shard
 from moe_dist.parallel.topology import Topology
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The router's decision for this rank's tokens, with the losses it contributes (`MoELayer.route`)."""
+    weights_TK: torch.Tensor          # fp32 combine weights of the chosen experts
+    indices_TK: torch.Tensor          # int64 expert ids
+    probs_TE: torch.Tensor            # fp32 probabilities over all experts
+    logits_TE: torch.Tensor           # fp32 router logits
+    counts_E: torch.Tensor            # int64 assignments per expert, before capacity drops
+    aux_loss: torch.Tensor            # scaled by moe.aux_loss_coef, joined to the graph
+    z_loss: torch.Tensor              # scaled by moe.z_loss_coef, joined to the graph
 
 
 @dataclass(frozen=True)
@@ -85,50 +102,80 @@ class MoELayer(nn.Module):
         return {k: tuple(v) for k, v in sh.items() if self.topo.ep.size > 1 or len(v) > 1}
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        cfg, tp = self.cfg, self.topo.tp
+        tp = self.topo.tp
         B, S, D = x_BSD.shape
         x_TD = split_rows(x_BSD.reshape(B * S, D), tp)
-        T = x_TD.shape[0]
-        r = self.router(x_TD)
+        routing = self.route(x_TD, B // tp.size, S)
+        cap = self.capacity(routing)
+        x_ND, offsets_E, meta = self.dispatch(x_TD, routing, cap)
+        y_ND = self.run_experts(x_ND, offsets_E)
+        y_TD = self.shared_experts(x_TD, self.combine(y_ND, meta))
+        y_TD = gather_rows(y_TD, tp)
+        return y_TD.view(B, S, D), self.stats(routing, cap, meta)
 
+    # ------------------------------------------------------------------ the steps of forward, in order
+
+    def route(self, x_TD: torch.Tensor, B: int, S: int) -> Routing:
+        """Router, load-balancing loss and z-loss on this rank's tokens x_TD, which hold B sequences of S
+        positions (under tensor parallelism: this tp rank's slice of the micro-batch)."""
+        cfg, tp = self.cfg, self.topo.tp
+        r = self.router(x_TD)
         counts_E = torch.bincount(r.indices_TK.reshape(-1), minlength=cfg.num_experts)
-        aux = self._aux_loss(r.probs_TE, r.indices_TK, counts_E, B // tp.size, S)
+        aux = self._aux_loss(r.probs_TE, r.indices_TK, counts_E, B, S)
         if cfg.z_loss_coef > 0:
             # Each tp rank holds 1/tp of the micro-batch: the slices' losses sum to its mean over tp ranks.
             zl = losses.z_loss(r.logits_TE, cfg.z_loss_coef) / tp.size
         else:
             zl = x_TD.new_zeros((), dtype=torch.float32)
+        return Routing(r.weights_TK, r.indices_TK, r.probs_TE, r.logits_TE, counts_E, aux, zl)
 
-        keep_TK, dropped_E, cap = self._capacity(r.indices_TK, r.weights_TK, T)
-        x_ND, offsets_E, meta = self.dispatcher.dispatch(x_TD, r.indices_TK, r.weights_TK, keep_TK, cap)
-        y_ND = keep_connected(self.experts(x_ND, offsets_E), x_ND)
-        y_TD = self.dispatcher.combine(y_ND, meta)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
-        y_TD = gather_rows(y_TD, tp)
-
-        rows_out = rows_in = 0
-        if isinstance(meta, AllToAllMeta):
-            rows_out, rows_in = meta.rows_out(self.topo.ep.rank), meta.rows_in(self.topo.ep.rank)
-        stats = MoEStats(tokens_per_expert=(counts_E - dropped_E).detach(),
-                         dropped=dropped_E, aux_loss=aux, z_loss=zl,
-                         entropy=losses.router_entropy(r.probs_TE), num_tokens=T, capacity=cap,
-                         a2a_rows_out=rows_out, a2a_rows_in=rows_in,
-                         router_finite=torch.isfinite(r.logits_TE.detach()).all())
-        return y_TD.view(B, S, D), stats
-
-    def _capacity(self, indices_TK, weights_TK, T):
-        """Capacity per GShard group of T/G consecutive tokens (G = moe.capacity_groups): expert e of
-        group g is the virtual expert g·E + e."""
+    def capacity(self, routing: Routing) -> CapacityResult:
+        """Which assignments each expert keeps. Capacity per GShard group of T/G consecutive tokens
+        (G = moe.capacity_groups): expert e of group g is the virtual expert g·E + e."""
         cfg, G, E = self.cfg, self.cfg.capacity_groups, self.cfg.num_experts
+        indices_TK = routing.indices_TK
+        T = indices_TK.shape[0]
         if T % G:
             raise ValueError(f"{T} tokens do not split into moe.capacity_groups={G} groups")
         cap = expert_capacity(T // G, cfg)
         if cap is None:                                    # dropless: nothing to rank or drop
-            return None, torch.zeros(E, dtype=torch.long, device=indices_TK.device), None
+            return CapacityResult(None, torch.zeros(E, dtype=torch.long, device=indices_TK.device), None)
         group_T1 = (torch.arange(T, device=indices_TK.device) // max(T // G, 1)).unsqueeze(1)
-        res = apply_capacity(indices_TK + group_T1 * E, weights_TK, G * E, cap, cfg.drop_policy)
-        return res.keep_TK, res.dropped_E.view(G, E).sum(0), cap
+        res = apply_capacity(indices_TK + group_T1 * E, routing.weights_TK, G * E, cap, cfg.drop_policy)
+        return CapacityResult(res.keep_TK, res.dropped_E.view(G, E).sum(0), cap)
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, cap: CapacityResult
+                 ) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta | AllToAllMeta]:
+        """The kept rows grouped by local expert (x_ND), their int32 offsets, and the metadata `combine`
+        takes back (with expert parallelism: the all-to-all, one host sync for its splits)."""
+        return self.dispatcher.dispatch(x_TD, routing.indices_TK, routing.weights_TK, cap.keep_TK, cap.capacity)
+
+    def run_experts(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """The local experts on their rows. Named apart from `self.experts`, the module that owns the weights."""
+        return keep_connected(self.experts(x_ND, offsets_E), x_ND)
+
+    def combine(self, y_ND: torch.Tensor, meta: DispatchMeta | AllToAllMeta,
+                weights_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The expert rows back in token order, weighted and summed over each token's K choices: y_TD.
+        `weights_TK` replaces the router weights that `dispatch` stored (the benchmark passes a leaf
+        tensor there to time the unpermute's weight gradient on its own)."""
+        if weights_TK is not None:
+            meta = _with_weights(meta, weights_TK)
+        return self.dispatcher.combine(y_ND, meta)
+
+    def shared_experts(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+        """y_TD plus the shared experts' output on x_TD (y_TD itself when the layer has none)."""
+        return y_TD if self.shared is None else y_TD + self.shared(x_TD)
+
+    def stats(self, routing: Routing, cap: CapacityResult, meta: DispatchMeta | AllToAllMeta) -> MoEStats:
+        rows_out = rows_in = 0
+        if isinstance(meta, AllToAllMeta):
+            rows_out, rows_in = meta.rows_out(self.topo.ep.rank), meta.rows_in(self.topo.ep.rank)
+        return MoEStats(tokens_per_expert=(routing.counts_E - cap.dropped_E).detach(),
+                        dropped=cap.dropped_E, aux_loss=routing.aux_loss, z_loss=routing.z_loss,
+                        entropy=losses.router_entropy(routing.probs_TE), num_tokens=routing.indices_TK.shape[0],
+                        capacity=cap.capacity, a2a_rows_out=rows_out, a2a_rows_in=rows_in,
+                        router_finite=torch.isfinite(routing.logits_TE.detach()).all())
 
     def _aux_loss(self, probs_TE, indices_TK, counts_E, B, S) -> torch.Tensor:
         cfg = self.cfg
@@ -148,3 +195,10 @@ class MoELayer(nn.Module):
         all_reduce_(counts_tokens, self.stats_group)
         return self.stats_shards * losses.load_balancing_loss(probs_TE, counts_tokens[:-1], cfg.top_k,
                                                               cfg.aux_loss_coef, num_tokens=counts_tokens[-1])
+
+
+def _with_weights(meta: DispatchMeta | AllToAllMeta, weights_TK: torch.Tensor) -> DispatchMeta | AllToAllMeta:
+    """The same dispatch metadata with other combine weights (a new value; the metadata is frozen)."""
+    if isinstance(meta, AllToAllMeta):
+        return replace(meta, local=replace(meta.local, weights_TK=weights_TK))
+    return replace(meta, weights_TK=weights_TK)
