@@ -15,8 +15,10 @@ What each side does:
   misses the other EP ranks' experts, so at stage 0 we clip with `clip_gradients` ourselves.
 
 Checkpoints (fit saves every checkpoint.every steps, at the end and on SIGTERM, and resumes from `latest`):
-one file per rank under <checkpoint dir>/deepspeed/step_NNNNNN with its model shard and its ZeRO partition;
-resuming needs the same world size, parallel.ep and train.zero_stage (see `save_checkpoint`).
+one file per rank under <checkpoint dir>/deepspeed/step_NNNNNN with its model shard and its ZeRO partition,
+published by the same atomic store as the native checkpoints (moe_dist.train.checkpoint.store: meta.json with a
+sha256 manifest, fsync, rename, `latest`, keep-K); resuming needs the same world size, parallel.ep and
+train.zero_stage (see `save_checkpoint`).
 
 The generated DeepSpeed JSON (`deepspeed_config`) comes from our config; the user's file
 (`train.deepspeed_config`) overrides it key by key, except the keys that must agree with our config
@@ -27,10 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,7 +40,10 @@ from moe_dist.config import Config, ConfigError
 from moe_dist.models.gpt import MoEGPT, ModelOutput
 from moe_dist.parallel.grads import clip_gradients
 from moe_dist.parallel.topology import Topology
-from moe_dist.train import checkpoint as ckpt
+from moe_dist.train.checkpoint import store
+from moe_dist.train.checkpoint.safe_load import load_weights_only
+from moe_dist.train.checkpoint.state import check_compatible, data_fields, describe_layout, layout_of, shape_fields
+from moe_dist.train.checkpoint.store import CheckpointError
 from moe_dist.train.data import Batcher
 from moe_dist.train.trainer import StepResult, Trainer, build_optimizer, lr_at
 
@@ -211,23 +213,26 @@ class _EngineModule(nn.Module):
 def _tag_expert_parameters(model: MoEGPT, ep: int) -> None:
     """DeepSpeed's MoE protocol marks expert parameters with `allreduce=False` and the name of their expert
     group (`deepspeed.moe.utils.is_moe_param`, read by `split_params_into_different_moe_groups_for_optimizer`
-    and by ZeRO's reduction). STYLE.md keeps such attributes out of the model, whose typed answer is
-    `expert_parameters()`; this engine is the one place that translates that list into DeepSpeed's
-    attributes, right before handing the parameters to DeepSpeed."""
+    and by ZeRO's reduction). The model itself carries no such attributes: its typed answer is
+    `expert_parameters()` (attributes on tensors steer later code invisibly), and this engine is the one place
+    that translates that list into DeepSpeed's attributes, right before handing the parameters to DeepSpeed."""
     for p in model.expert_parameters():
         p.allreduce = False
         p.group_name = expert_group_name(ep)
 
 
-def _load_weights_only(path: Path) -> dict:
-    """torch.load with weights-only unpickling; ZeRO's optimizer state pickles its loss-scaler objects, which
-    are plain attribute holders, its ZeRO stage enum and its fragment addresses (two ints), so exactly those
-    classes are allowed besides tensors and containers."""
+def _zero_state_classes() -> list[type]:
+    """The classes ZeRO's optimizer state pickles besides tensors and containers: its loss-scaler objects
+    (plain attribute holders), its ZeRO stage enum and its fragment addresses (two ints). Weights-only
+    loading allows exactly these."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
-    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
 
 
 class DeepSpeedTrainer(Trainer):
@@ -321,69 +326,55 @@ class DeepSpeedTrainer(Trainer):
     # DeepSpeed's own engine.save_checkpoint is not used: with MoE it saves experts only from DeepSpeed's MoE
     # layer modules (none here, so our experts would be lost), and it keeps one expert per file. Instead each
     # rank saves its model shard and its ZeRO partition (DeepSpeed's optimizer state_dict, fp32 master copy
-    # included), and a resume needs the same world size, parallel.ep and ZeRO stage: partitions are per rank.
-    # Folder, `.tmp` rename and `latest` pointer follow moe_dist.train.checkpoint.
+    # included) into one file, and a resume needs the same world size, parallel.ep and ZeRO stage: partitions
+    # are per rank. The folder is published by the native checkpoints' store (same sequence, same meta.json),
+    # so a truncated rank file is reported by name and checkpoint.fallback applies here too.
 
     def _layout(self) -> dict[str, int]:
-        return {**ckpt.layout_of(self.topo), "zero_stage": self.zero_stage}
-
-    def _barrier(self) -> None:
-        if self.topo.world.handle is not None:
-            torch.distributed.barrier(group=self.topo.world.handle)
+        return {**layout_of(self.topo), "zero_stage": self.zero_stage}
 
     def save_checkpoint(self, step: int) -> Optional[Path]:
-        """Collective: every rank writes rank<r>.pt of the folder for `step`; rank 0 publishes it."""
-        root = self.checkpoint_root
-        final = root / ckpt.step_dir_name(step)
-        tmp = Path(ckpt.broadcast_from_rank0(str(root / f"{final.name}.tmp-{uuid.uuid4().hex[:10]}"), self.topo))
-        if self.topo.rank == 0:
-            tmp.mkdir(parents=True)
-        self._barrier()
-        torch.save({"step": step, "layout": self._layout(), "model": self.model.state_dict(),
-                    "optimizer": self.engine.optimizer.state_dict(), "rng": torch.get_rng_state()},
-                   tmp / f"rank{self.topo.rank:05d}.pt")
-        self._barrier()
-        if self.topo.rank == 0:
-            if final.exists():                  # a re-save of the same step
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            pointer = root / f"{ckpt.LATEST_NAME}.tmp-{uuid.uuid4().hex[:8]}"
-            pointer.write_text(final.name + "\n")
-            os.replace(pointer, root / ckpt.LATEST_NAME)    # last: `latest` moves only to a whole folder
-            ckpt.prune(root, self.cfg.checkpoint.keep)
-        self._barrier()
-        self.last_checkpoint = final
-        return final
+        """Collective: every rank writes its rank file into the folder for `step`; the store publishes it."""
+        import deepspeed
+
+        def fill(tmp: Path) -> None:
+            with store.open_synced(tmp / rank_file_name(self.topo.rank)) as f:
+                torch.save({"model": self.model.state_dict(), "optimizer": self.engine.optimizer.state_dict(),
+                            "rng": torch.get_rng_state()}, f)
+
+        meta = {"engine": "deepspeed", "layout": self._layout(), "shape": shape_fields(self.cfg),
+                "data": data_fields(self.cfg), "torch": torch.__version__, "deepspeed": deepspeed.__version__}
+        self.last_checkpoint = store.write(self.checkpoint_root, step, self.topo, self.cfg.checkpoint.keep, fill,
+                                           meta)
+        return self.last_checkpoint
 
     def resume(self) -> int:
         """Load `latest` per checkpoint.resume; returns the step to continue from (0: a fresh start)."""
         c = self.cfg.checkpoint
-        latest = self.checkpoint_root / ckpt.LATEST_NAME
         if c.resume == "never":
             return 0
-        if not latest.is_file():
+        found = store.find_on_rank0(self.checkpoint_root, c.fallback, self.topo, say=self._say)
+        if found is None:
             if c.resume == "must":
-                raise ckpt.CheckpointError(f"checkpoint.resume=must but {self.checkpoint_root} holds no DeepSpeed "
-                                           "checkpoint; set checkpoint.resume=auto to start fresh")
+                raise CheckpointError(f"checkpoint.resume=must but {self.checkpoint_root} holds no DeepSpeed "
+                                      "checkpoint; set checkpoint.resume=auto to start fresh")
             return 0
-        path = self.checkpoint_root / latest.read_text().strip()
-        f = path / f"rank{self.topo.rank:05d}.pt"
-        if not path.is_dir():
-            raise ckpt.CheckpointError(f"{latest} names {path.name}, which does not exist; delete {latest} or set "
-                                       "checkpoint.resume=never")
-        if not f.is_file():
-            raise ckpt.CheckpointError(f"{f} is missing: {path} was saved by another number of ranks; resume with "
-                                       f"the same world size, or set checkpoint.resume=never")
-        state = _load_weights_only(f)
-        if state["layout"] != self._layout():
-            raise ckpt.CheckpointError(f"{path} was saved with {state['layout']} and this run is {self._layout()}: "
-                                       "ZeRO partitions are per rank, so resume with the same world size, parallel.ep "
-                                       "and train.zero_stage (or set checkpoint.resume=never)")
+        path, meta = found
+        if meta.get("engine") != "deepspeed":
+            raise CheckpointError(f"{path} was not written by train.engine=deepspeed (its meta.json says engine="
+                                  f"{meta.get('engine')!r}); point checkpoint.dir at a DeepSpeed run's folder")
+        if meta["layout"] != self._layout():
+            raise CheckpointError(f"{path} was saved with {meta['layout']} and this run is {self._layout()}: "
+                                  "ZeRO partitions are per rank, so resume with the same world size, parallel.ep "
+                                  "and train.zero_stage (or set checkpoint.resume=never)")
+        for note in check_compatible(meta, self.cfg, path):
+            self._say(f"checkpoint note: {note}")
+        state = load_weights_only(path / rank_file_name(self.topo.rank), allow=_zero_state_classes())
         self.model.load_state_dict(state["model"])
         if self.zero_stage == 0:
             if not isinstance(self.engine.optimizer, torch.optim.Optimizer):     # bf16 wraps it (GPU only)
-                raise ckpt.CheckpointError("resuming train.zero_stage=0 with bf16 is not supported by this engine; "
-                                           "use train.zero_stage=1 or 2")
+                raise CheckpointError("resuming train.zero_stage=0 with bf16 is not supported by this engine; "
+                                      "use train.zero_stage=1 or 2")
             self.engine.optimizer.load_state_dict(state["optimizer"])
         else:
             # DeepSpeed reads the entry of this data-parallel rank only (a checkpoint of the same layout);
@@ -392,6 +383,6 @@ class DeepSpeedTrainer(Trainer):
             self.engine.optimizer.load_state_dict(mine, load_optimizer_states=True, load_from_fp32_weights=True)
         torch.set_rng_state(state["rng"])
         self.resumed_from = path
-        self._say(f"resumed from {path} (step {state['step']}, {ckpt.describe_layout(state['layout'])}, "
+        self._say(f"resumed from {path} (step {meta['step']}, {describe_layout(meta['layout'])}, "
                   f"ZeRO-{self.zero_stage})")
-        return int(state["step"])
+        return int(meta["step"])

@@ -1,11 +1,26 @@
-"""Training checkpoints (a package: the modules split in the next commit)."""
-from moe_dist.train.checkpoint.store import (FORMAT, LATEST_NAME, META_NAME, CheckpointError, ShardView,
-                                             broadcast_from_rank0, check_compatible, complete_checkpoints,
-                                             data_fields, describe_layout, find, layout_of, load,
-                                             materialize_optimizer_state, prune, save, shape_fields, shard_chunks,
-                                             state_for_dcp, step_dir_name, verify)
+"""Sharded, resharding training checkpoints, in one module per job:
 
-__all__ = ["CheckpointError", "ShardView", "shard_chunks", "save", "load", "find", "verify", "check_compatible",
-           "prune", "complete_checkpoints", "broadcast_from_rank0", "layout_of", "state_for_dcp", "step_dir_name",
-           "describe_layout", "FORMAT", "LATEST_NAME", "META_NAME", "materialize_optimizer_state", "shape_fields",
-           "data_fields"]
+- `store`      the atomic store: tmp folder → files → sha256 manifest (meta.json) → fsync → rename → `latest`
+               → keep-K prune; `find` and `verify` on the way back. The native trainer and the DeepSpeed engine
+               both save through it.
+- `shards`     DCP's shard protocol on plain tensors (`ShardView`, `shard_chunks`, the two planners): each
+               rank's shard is chunks of the global tensor, so any layout loads any checkpoint.
+- `state`      what the native trainer saves (parameters, AdamW moments, persistent buffers, RNG per rank) and
+               the config fields that decide whether a checkpoint fits (`check_compatible`).
+- `safe_load`  loading that never runs code: DCP metadata through an allow-list unpickler, `torch.save` files
+               weights-only.
+- `dcp_io`     `save` and `load` of the native trainer's state with DCP, joining the four above.
+"""
+from moe_dist.parallel.comm import broadcast_from_rank0   # re-exported: the trainer reaches it as ckpt.broadcast_from_rank0
+from moe_dist.train.checkpoint.dcp_io import load, save
+from moe_dist.train.checkpoint.safe_load import load_weights_only
+from moe_dist.train.checkpoint.shards import ShardView, shard_chunks
+from moe_dist.train.checkpoint.state import (check_compatible, data_fields, describe_layout, layout_of,
+                                             materialize_optimizer_state, shape_fields, state_for_dcp)
+from moe_dist.train.checkpoint.store import (FORMAT, LATEST_NAME, META_NAME, CheckpointError, complete_checkpoints,
+                                             find, find_on_rank0, prune, step_dir_name, verify)
+
+__all__ = ["CheckpointError", "ShardView", "shard_chunks", "save", "load", "find", "find_on_rank0", "verify",
+           "check_compatible", "prune", "complete_checkpoints", "broadcast_from_rank0", "layout_of",
+           "state_for_dcp", "step_dir_name", "describe_layout", "FORMAT", "LATEST_NAME", "META_NAME",
+           "materialize_optimizer_state", "shape_fields", "data_fields", "load_weights_only"]

@@ -1,0 +1,104 @@
+"""The training state a checkpoint holds, and the config fields that decide whether it fits a run.
+
+Every parameter and its AdamW state (exp_avg, exp_avg_sq, step) as the GLOBAL tensor (sharded ones as
+`ShardView`s), the persistent buffers (the DeepSeek expert bias), one RNG state per rank, and the step (the lr
+schedule and the batcher are pure functions of the step, so the step is their whole state). meta.json records
+the config fields that fix shapes (a mismatch is refused), those that fix the data order (a mismatch is
+reported), and the layout (the RNG state is restored only on the layout it was saved with).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_dist.config import Config
+from moe_dist.parallel.tensor_parallel import Shard
+from moe_dist.parallel.topology import Topology
+from moe_dist.train.checkpoint.shards import ShardView
+from moe_dist.train.checkpoint.store import CheckpointError
+
+# The config fields that fix parameter shapes: a checkpoint whose values differ cannot load.
+SHAPE_FIELDS = {
+    "model": ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "dense_hidden", "moe_every",
+              "first_dense", "tie_embeddings"),
+    "moe": ("num_experts", "expert_hidden", "activation", "num_shared_experts", "shared_expert_hidden",
+            "expert_bias"),
+}
+# Fields that do not change shapes but do change what "continue exactly" means; differences are reported.
+DATA_FIELDS = {"data": ("path", "val_fraction"), "train": ("seed", "batch_size", "seq_len", "grad_accum_steps")}
+
+
+def materialize_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter AdamW's state (zeros and step 0 before the first step), so that a fresh optimizer
+    has tensors for DCP to load into. AdamW then takes its first step from this state exactly as from an
+    empty one (it initialises to the same zeros)."""
+    for p in model.parameters():
+        st = optimizer.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def state_for_dcp(model, optimizer, topo: Topology, rng: bool = True) -> dict[str, Any]:
+    """Flat name → tensor (replicated) or ShardView (sharded) for every piece of training state."""
+    materialize_optimizer_state(model, optimizer)
+    shards = model.param_shards
+    out: dict[str, Any] = {}
+
+    def put(key: str, t: torch.Tensor, spec: tuple[Shard, ...]) -> None:
+        out[key] = ShardView(t.detach(), spec, topo) if spec else t.detach()
+
+    for name, p in model.named_parameters():
+        spec = shards.get(name, ())
+        st = optimizer.state[p]
+        put(f"model.{name}", p, spec)
+        put(f"optim.{name}.exp_avg", st["exp_avg"], spec)
+        put(f"optim.{name}.exp_avg_sq", st["exp_avg_sq"], spec)
+        out[f"optim.{name}.step"] = st["step"]
+    for name, b in model.named_buffers():
+        owner, _, short = name.rpartition(".")
+        if short not in model.get_submodule(owner)._non_persistent_buffers_set:
+            out[f"buffer.{name}"] = b          # e.g. the expert bias: replicated, state like a parameter
+    if rng:
+        # Per rank under its own key (never deduplicated): jitter noise continues exactly on resume.
+        out[f"rng.cpu.{topo.rank}"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out[f"rng.cuda.{topo.rank}"] = torch.cuda.get_rng_state()
+    return out
+
+
+def shape_fields(cfg: Config) -> dict[str, Any]:
+    return {f"{sec}.{f}": getattr(getattr(cfg, sec), f) for sec, fields in SHAPE_FIELDS.items() for f in fields}
+
+
+def data_fields(cfg: Config) -> dict[str, Any]:
+    return {f"{sec}.{f}": getattr(getattr(cfg, sec), f) for sec, fields in DATA_FIELDS.items() for f in fields}
+
+
+def layout_of(topo: Topology) -> dict[str, int]:
+    d = topo.dims
+    return {"world": d.world, "tp": d.tp, "ep": d.ep, "etp": d.etp, "dp": d.dp, "edp": d.edp}
+
+
+def describe_layout(layout: dict[str, int]) -> str:
+    return f"world={layout['world']} tp={layout['tp']} ep={layout['ep']} etp={layout['etp']} dp={layout['dp']}"
+
+
+def check_compatible(meta: dict[str, Any], cfg: Config, path: Path) -> list[str]:
+    """Refuse a checkpoint of another model shape (naming the field); return notes on data differences."""
+    mine = shape_fields(cfg)
+    for key, saved in meta["shape"].items():
+        if key in mine and mine[key] != saved:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {key} {saved} (checkpoint) vs "
+                                  f"{mine[key]} (config); set {key}={saved} or start a new run in another "
+                                  "checkpoint.dir")
+    notes = []
+    now = data_fields(cfg)
+    for key, saved in meta.get("data", {}).items():
+        if key in now and now[key] != saved:
+            notes.append(f"{key} {saved} (checkpoint) vs {now[key]} (config): batches after the resume differ "
+                         "from the interrupted run's")
+    return notes
