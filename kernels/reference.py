@@ -3,7 +3,7 @@ K top-k, E experts, N permuted rows.
 
 They are the semantics the Triton kernels must reproduce, and the implementation the CPU path uses:
 plain torch ops. permute/unpermute carry hand-written backwards (gathers only, no scatter-add; see
-_Permute/_Unpermute), tested against autograd through the naive formula in tests/test_reference_ops.py.
+_Permute/_Unpermute), tested against autograd through the naive formula in tests/kernels/test_reference_ops.py.
 
 Row order: assignments are grouped by expert; inside an expert, by token then by slot. Experts are
 numbered so that grouping by global expert id is also grouping by (destination EP rank, local expert).

@@ -3,6 +3,11 @@
 Set at import time, before any test imports deepspeed or torch.utils.cpp_extension, which read
 these variables once. TRITON_INTERPRET=1 runs the Triton kernels in triton's CPU interpreter; triton reads
 it when a kernel is decorated, so it must be set before `moe_dist.kernels.ops` is first imported.
+
+pytest runs in its default prepend import mode and tests/ has no __init__.py (a tests/kernels package would
+shadow the repository's kernels/): this file's folder, tests/, goes on sys.path, so the helper modules here
+(distributed.py, layer_helpers.py, trainer_helpers.py, checkpoint_helpers.py, deepspeed_helpers.py) import by
+their plain names from every subfolder, and every test file's basename must be unique across tests/.
 """
 import os
 from pathlib import Path

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from test_launch import (CONFIG, LAUNCH, SMALL, args_for, free_port, run_all, script_env,  # noqa: F401
-                         tokens, train_records)
+from distributed import free_port
+from launch_helpers import (CONFIG, LAUNCH, SMALL, args_for, run_all, script_env, tokens,  # noqa: F401
+                            train_records)
 
 TIMEOUT_S = 8          # parallel.timeout_s of the fault runs: rendezvous and every collective
 
@@ -109,10 +110,10 @@ def test_a_dead_or_frozen_rank_makes_the_other_exit_within_the_timeout(tokens, t
 
 def test_a_world_that_does_not_match_the_config_is_refused_before_training(tokens, tmp_path):
     """torchrun.sh, mpirun.sh and slurm.sbatch (under a stand-in srun), all started at once, 2 ranks each."""
-    from test_launch import _mpirun_or_skip, fake_srun
+    from launch_helpers import fake_srun, mpirun_or_skip
     launchers = ["torchrun.sh", "slurm.sbatch"]
     try:
-        _mpirun_or_skip()
+        mpirun_or_skip()
         launchers.append("mpirun.sh")
     except pytest.skip.Exception:
         pass                                        # no MPI here: the other two still run

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from distributed import run_ranks
 from moe_dist.bench import layer as bench_layer
-from tests.distributed import run_ranks
 
 pytest.importorskip("deepspeed")
 

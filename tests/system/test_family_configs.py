@@ -3,15 +3,15 @@ falling, launched by launch/torchrun.sh with the parallel sizes from the environ
 
 Each family gets a layout that splits its experts: Switch EP=4, GLaM EP=2 with 2 copies of each expert
 (edp=2), Mixtral TP=2×EP=2, DeepSeek EP=2×ETP=2 (each expert's matrices split too, shared expert included).
-About a minute per family on 2 shared cores, so they are marked slow: `pytest --run-slow tests/test_family_configs.py`.
+About a minute per family on 2 shared cores, so they are marked slow: `pytest --run-slow tests/system/test_family_configs.py`.
 """
 from __future__ import annotations
 
 import pytest
 
+from launch_helpers import LAUNCH, REPO, run_all, script_env, train_records
 from moe_dist import config
 from moe_dist.parallel.topology import ParallelDims
-from test_launch import LAUNCH, REPO, run_all, script_env, train_records
 
 STEPS = 100
 WORLD = 4

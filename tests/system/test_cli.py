@@ -12,7 +12,7 @@ import pytest
 from moe_dist import cli
 from moe_dist.train.data import DOC_SEP, prepare
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIXTRAL = str(REPO / "configs" / "mixtral-8x7b.yaml")
 SWITCH = str(REPO / "configs" / "switch-base-128.yaml")
 TINY = str(REPO / "configs" / "tiny-cpu.yaml")

@@ -1,17 +1,17 @@
 """The `triton` experts backend in the MoE layer at tiny fp32 shapes in triton's CPU interpreter
 (TRITON_INTERPRET=1, set in tests/conftest.py): against a dense computation, and the whole dispatch →
 experts → combine path on the Triton permute/unpermute kernels. The layer-level comparison with `loop`
-is `tests/test_layer.py::test_backend_matches_loop[...-triton]`.
+is `tests/moe/test_experts.py::test_backend_matches_loop[...-triton]`.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+from layer_helpers import D, DENSE_CASES, dense_reference, make_layer
 from moe_dist.kernels import reference as ref
 from moe_dist.kernels._configs import unavailable_reason
 from moe_dist.moe.experts import GroupedExperts
-from test_layer import D, DENSE_CASES, dense_reference, make_layer
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
