@@ -1,5 +1,6 @@
-"""PyTorch references of the kernel contracts (see DESIGN.md, "Kernels"). Legend: T tokens, H hidden,
-K top-k, E experts, N permuted rows.
+"""PyTorch references of the kernel contracts: permute (rows grouped by expert, with the row map and
+per-expert offsets), unpermute (combine fused with the top-k weighting) and grouped GEMM (one matmul per
+expert over its rows). Legend: T tokens, H hidden, K top-k, E experts, N permuted rows.
 
 They are the semantics the Triton kernels must reproduce, and the implementation the CPU path uses:
 plain torch ops. permute/unpermute carry hand-written backwards (gathers only, no scatter-add; see
