@@ -56,6 +56,17 @@ def test_torchrun_and_deepspeed():
     assert detect_launch(ds) == LaunchInfo("deepspeed", 1, 2, 1, "h0", 29500)
 
 
+def test_torchrun_agent_store():
+    # torchrun's agent serves the store on MASTER_PORT and says so; then every worker, rank 0 too, is its client.
+    agent = {**TORCHRUN, "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert detect_launch(agent) == LaunchInfo("torchrun", 1, 2, 1, "h0", 29500, agent_store=True)
+    assert detect_launch({**agent, "RANK": "0"}).agent_store
+    assert detect_launch({**agent, "CROSS_RANK": "0", "CROSS_SIZE": "1"}).agent_store   # deepspeed --elastic_training
+    assert not detect_launch({**TORCHRUN, "TORCHELASTIC_USE_AGENT_STORE": "False"}).agent_store
+    assert not detect_launch(TORCHRUN).agent_store   # deepspeed launcher, hand-set variables: rank 0 serves it
+    assert not detect_launch({**SLURM, "TORCHELASTIC_USE_AGENT_STORE": "True"}).agent_store  # no agent under srun
+
+
 def test_detection_order():
     assert detect_launch({**SLURM, **MPI, **TORCHRUN}).launcher == "torchrun"  # torchrun inside srun/mpirun
     assert detect_launch({**SLURM, **MPI}).launcher == "mpi"                    # mpirun inside an allocation

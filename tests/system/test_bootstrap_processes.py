@@ -76,9 +76,13 @@ def test_torchrun_two_ranks():
         pytest.skip("torchrun is not installed beside this python")
     cmd = [torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), WORKER, "allreduce", "30"]
-    results = _results(_run([(cmd, _base_env())]))
+    [(rc, out, err)] = _run([(cmd, _base_env())])
+    results = _results([(rc, out, err)])
     _check_sum(results, "torchrun")
     assert [r["local_rank"] for r in results] == [0, 1]
+    # The agent serves the store on --master_port; a rank 0 that tried to serve it too would fail to bind and
+    # torch would print "[E... TCPStore.cpp] The server socket on <port> has failed to bind".
+    assert "failed to bind" not in err and "TCPStore" not in err, err[-3000:]
 
 
 def test_deepspeed_style_two_ranks():
