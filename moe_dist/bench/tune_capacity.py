@@ -214,8 +214,11 @@ def run(args: argparse.Namespace) -> int:
             raise config.ConfigError(f"{name}={value} is out of range; see moe-dist tune-capacity --help")
     if args.warmup >= steps:
         raise config.ConfigError(f"--warmup={args.warmup} leaves no timed step of --steps={steps}; lower --warmup")
-    from moe_dist.parallel.layout import check_layout
-    check_layout(cfg, args.ranks)        # a LayoutError names the field; the world is --ranks
+    from moe_dist.parallel.layout import LayoutError, check_layout
+    try:
+        check_layout(cfg, args.ranks)
+    except LayoutError as e:             # it names the config field; here the world size is a flag
+        raise LayoutError(f"{e} (the world size is --ranks={args.ranks})") from None
     if not Path(cfg.data.path).is_file():
         raise config.ConfigError(f"data.path={cfg.data.path} does not exist; make it with "
                                  f"`moe-dist prepare-data --out {cfg.data.path}` or pass --data.path=FILE")

@@ -1,12 +1,13 @@
 """moe-dist bench scaling: the alpha-beta model's arithmetic, its FLOP count against an independent formula,
 its byte counts against `moe-dist plan`, one measured run on 2 gloo ranks whose all-to-all bytes equal
-the plan's (balanced routing) and whose JSON and PNG are written, and the TP collective count
+the plan's (balanced routing) and whose JSON and PNG are written under runs/bench/ by default, and the TP collective count
 (`tp_collectives`) against the calls and bytes measured on 2 gloo ranks with tp=2."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,11 +16,13 @@ from moe_dist import config
 from moe_dist.bench import alpha_beta as ab
 from moe_dist.bench import scaling
 from moe_dist.models.gpt import is_moe_layer
+from moe_dist.parallel.layout import check_layout
 from moe_dist.parallel.topology import ParallelDims
 from moe_dist.plan import alltoall_rows_per_layer, param_counts
 from moe_dist.train.data import prepare
 
 NET = ab.Network()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_alltoall_splits_bytes_between_nvlink_and_infiniband():
@@ -47,7 +50,7 @@ def test_flops_match_six_times_active_weights_plus_attention():
 
 def test_estimate_uses_the_plans_bytes_and_the_named_throughputs():
     cfg = ab.with_layout(config.load("configs/mixtral-8x7b.yaml"), ep=8)
-    dims = ParallelDims.create(64, 1, 8, 1, 8)
+    dims = check_layout(cfg, 64)
     e = ab.estimate(cfg, dims)
     n_moe = sum(is_moe_layer(cfg.model, i) for i in range(cfg.model.n_layers))
     sent = alltoall_rows_per_layer(cfg, dims)["sent"] * cfg.model.dim * 2          # bf16
@@ -61,7 +64,8 @@ def test_estimate_uses_the_plans_bytes_and_the_named_throughputs():
     assert e.tflops_per_gpu < 720
     assert ab.estimate(cfg, dims, overlap_dp=False).step_s > e.step_s
     # Crossing nodes with the all-to-all (EP over 64 GPUs) costs more than staying inside one.
-    wide = ab.estimate(ab.with_layout(cfg, ep=64, num_experts=64), ParallelDims.create(64, 1, 64, 1, 64))
+    wide_cfg = ab.with_layout(cfg, ep=64, num_experts=64)
+    wide = ab.estimate(wide_cfg, check_layout(wide_cfg, 64))
     assert wide.alltoall_share > 3 * e.alltoall_share
 
 
@@ -89,11 +93,18 @@ def measured_run(tmp_path_factory):
     cfg_path.write_text(yaml.safe_dump(raw))
     parser = argparse.ArgumentParser()
     scaling.add_arguments(parser)
+    # No --out: the results must go to runs/bench/ under the current directory, not into the checkout.
     args = parser.parse_args(["--config", str(cfg_path), "--ranks", "1,2", "--layouts", "EP-only",
                               "--modes", "weak", "--steps", "3", "--warmup", "1", "--batch-per-rank", "2",
-                              "--experts-per-rank", "2", "--out", str(tmp / "scaling")])
-    assert scaling.run(args) == 0
-    return json.loads((tmp / "scaling.json").read_text()), tmp, args, config.load(cfg_path)
+                              "--experts-per-rank", "2", "--gpu-config", str(REPO / "configs" / "mixtral-8x7b.yaml")])
+    committed = REPO / "benchmarks" / "results"
+    before = {p.name: p.stat().st_mtime for p in committed.iterdir()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        assert scaling.run(args) == 0
+    assert {p.name: p.stat().st_mtime for p in committed.iterdir()} == before
+    out = tmp / "runs" / "bench"
+    return json.loads((out / "scaling_cpu.json").read_text()), out, args, config.load(cfg_path)
 
 
 def test_measured_alltoall_bytes_equal_the_plan_and_outputs_are_written(measured_run):
@@ -104,7 +115,7 @@ def test_measured_alltoall_bytes_equal_the_plan_and_outputs_are_written(measured
     assert (one["num_experts"], two["num_experts"], two["batch_per_dp_rank"]) == (2, 4, 2)
     assert one["a2a_bytes_per_rank_step"] == 0 and one["a2a_s"] == 0
     cfg = scaling.point_config(base, "weak", "EP-only", 2, args)
-    sent = alltoall_rows_per_layer(cfg, ParallelDims.create(2, 1, 2, 1, 4))["sent"]
+    sent = alltoall_rows_per_layer(cfg, check_layout(cfg, 2))["sent"]
     assert two["a2a_dispatch_bytes_per_rank"] == pytest.approx(2 * sent * 32 * 4)   # 2 MoE layers, fp32
     assert 0 < two["a2a_share"] < 1 and two["tokens_per_s"] > 0
     assert one["efficiency_raw"] == pytest.approx(1.0)
@@ -118,7 +129,7 @@ def test_measured_alltoall_bytes_equal_the_plan_and_outputs_are_written(measured
     gpus = [r["gpus"] for r in res["gpu_model"]["curves"]["weak"]["EP×DP"]]
     assert gpus == [8, 16, 32, 64, 128, 256, 512, 1024]
     assert res["machine"]["cpu_count"] >= 1
-    assert (tmp / "scaling.png").stat().st_size > 10_000
+    assert (tmp / "scaling_cpu.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("flags, match", [
@@ -144,7 +155,7 @@ def test_gpu_tp_term_is_ring_collectives_of_the_counted_bytes():
         train=dataclasses.replace(cfg.train, batch_size=2, seq_len=512, dtype="bfloat16", grad_accum_steps=1,
                                   activation_checkpointing=False),
         parallel=dataclasses.replace(cfg.parallel, tp=2, ep=1, etp=1))
-    dims = ParallelDims.create(2, 2, 1, 1, 4)
+    dims = check_layout(cfg, 2)
     act = 2 * 512 * 1024 * 2                             # [T, D] bf16 = 2 MiB
     tc = ab.tp_collectives(cfg, dims)
     # attention 2 layers x (1 fwd + 2 bwd); dense MLP 1 layer x (1 + 1); MoE counts 1; grads + norm 2.
@@ -200,7 +211,7 @@ def test_counted_tp_collectives_equal_the_measured_ones_on_two_ranks(tmp_path, r
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     cfg = config.load(tmp_path / "c.yaml")
     res = run_ranks(train_and_measure, 2, cfg, 2, 1)
-    tc = ab.tp_collectives(cfg, ParallelDims.create(2, 2, 1, 1, 4))
+    tc = ab.tp_collectives(cfg, check_layout(cfg, 2))
     for r in res:
         for step in range(2):
             by_op = r["tp_calls_by_op"][step]

@@ -100,6 +100,25 @@ def test_balanced_router_recommends_one_on_one_process(tokens, tmp_path):
     assert (tmp_path / "tc.png").stat().st_size > 10_000
 
 
+def test_results_go_under_runs_bench_of_the_current_directory_by_default(tokens, tmp_path, monkeypatch):
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+    committed = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    before = {p.name: p.stat().st_mtime for p in committed.iterdir()}
+    cfg_path = tmp_path / "small.yaml"
+    cfg_path.write_text(yaml.safe_dump(dataclasses.asdict(small_cfg(tokens))))
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(config=str(cfg_path), factors="dropless", steps=2, warmup=1, ranks=1,
+                              drop_target=0.01, loss_tol=0.01, quick=False, out=None, overrides=[])
+    assert tc.run(args) == 0
+    res = json.loads((tmp_path / "runs" / "bench" / "tune_capacity_small.json").read_text())
+    assert [r["label"] for r in res["rows"]] == ["dropless"]
+    assert (tmp_path / "runs" / "bench" / "tune_capacity_small.png").is_file()
+    assert {p.name: p.stat().st_mtime for p in committed.iterdir()} == before
+
+
 def test_factor_list_and_arguments_are_checked(tokens, tmp_path):
     assert tc.parse_factors("2, dropless,1.25") == [1.25, 2.0, None]
     with pytest.raises(ValueError, match="--factors: 'abc' is not a number"):
@@ -112,7 +131,7 @@ def test_factor_list_and_arguments_are_checked(tokens, tmp_path):
                 loss_tol=0.01, quick=True, out=str(tmp_path / "x"), overrides=[])
     with pytest.raises(config.ConfigError, match="data.path=.*prepare-data"):
         tc.run(argparse.Namespace(**base | {"overrides": [f"--data.path={tmp_path / 'missing.bin'}"]}))
-    with pytest.raises(config.ConfigError, match=r"--ranks=3"):
+    with pytest.raises(config.ConfigError, match=r"parallel\.ep.*--ranks=3"):
         tc.run(argparse.Namespace(**base | {"ranks": 3, "overrides": ["--parallel.ep=2"]}))
     with pytest.raises(config.ConfigError, match="--warmup=3 leaves no timed step"):
         tc.run(argparse.Namespace(**base | {"warmup": 3}))
