@@ -18,31 +18,21 @@ def _load_config(path: str, overrides: list[str]):
 
 def _start_ranks(cfg):
     """Judge the layout on the launcher's world size, then start the process groups: every error about sizes
-    comes before any process group exists. Every rank judges the same config and world alike, so only rank 0
-    prints a bad layout; the others exit with the same code in silence."""
+    comes before any process group exists."""
     import os
 
     import torch
 
     from moe_dist.config import ConfigError
     from moe_dist.parallel import bootstrap
-    from moe_dist.parallel.layout import LayoutError, check_layout
+    from moe_dist.parallel.layout import check_layout
     from moe_dist.parallel.topology import Topology
     p = cfg.parallel
     try:
         launch = bootstrap.detect_launch(os.environ)
     except ValueError as e:              # the launcher's variables are input too: same report, same exit code
         raise ConfigError(str(e)) from None
-    try:
-        dims = check_layout(cfg, launch.world_size)
-    except LayoutError:
-        if launch.rank != 0:
-            # Rank 0 prints the message. Exiting now could let torchrun stop rank 0 before it does (the agent
-            # stops every worker once one fails), so wait for that stop, bounded in case rank 0 is elsewhere.
-            import time
-            time.sleep(_QUIET_RANK_WAIT_S)
-            raise SystemExit(EXIT_BAD_INPUT) from None
-        raise
+    dims = check_layout(cfg, launch.world_size)
     if launch.world_size > 1:
         # Ranks on one node share its cores; torch's default (all cores per rank) thrashes.
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size))
@@ -51,12 +41,35 @@ def _start_ranks(cfg):
     return Topology.build(dims, p.timeout_s)
 
 
+def _quiet_unless_rank0() -> None:
+    """Bad input found by every rank alike (config, layout): rank 0 reports it, the others exit with the same
+    code in silence, so a launch prints one message, not one per rank. Exiting at once could let torchrun stop
+    rank 0 before it prints (its agent stops every worker once one fails), so they wait for that stop first,
+    bounded in case rank 0 runs elsewhere."""
+    import os
+    import time
+
+    from moe_dist.parallel import bootstrap
+    try:
+        rank = bootstrap.detect_launch(os.environ).rank
+    except ValueError:                   # an incomplete launcher environment: every rank reports that
+        return
+    if rank != 0:
+        time.sleep(_QUIET_RANK_WAIT_S)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
 def cmd_train(args) -> int:
+    from moe_dist.config import ConfigError
     from moe_dist.parallel import bootstrap
     from moe_dist.train.checkpoint import CheckpointError
     from moe_dist.train.trainer import format_expert_load
-    cfg = _load_config(args.config, args.overrides)
-    topo = _start_ranks(cfg)
+    try:
+        cfg = _load_config(args.config, args.overrides)
+        topo = _start_ranks(cfg)
+    except ConfigError:                  # LayoutError included
+        _quiet_unless_rank0()
+        raise
     say = print if topo.rank == 0 else (lambda *a, **k: None)
     try:
         if cfg.train.engine == "deepspeed":

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moe_dist import config
-from moe_dist.parallel.topology import ParallelDims, Topology
+from moe_dist.parallel.layout import check_layout
+from moe_dist.parallel.topology import Topology
 from moe_dist.train.data import prepare
 
 G = 4   # sequences per global batch, the same in every layout
@@ -35,8 +36,7 @@ def make_cfg(raw: dict) -> config.Config:
 
 
 def build_topo(cfg: config.Config, world: int) -> Topology:
-    p = cfg.parallel
-    return Topology.build(ParallelDims.create(world, p.tp, p.ep, p.etp, cfg.moe.num_experts), timeout_s=60)
+    return Topology.build(check_layout(cfg, world), timeout_s=60)
 
 
 class GlobalBatcher:

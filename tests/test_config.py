@@ -536,16 +536,5 @@ def test_pad_to_capacity_is_single_process_only() -> None:
          parallel={"ep": 2})
 
 
-@pytest.mark.parametrize("parallel,world,match", [
-    ({"world_size": 8}, 4, r"parallel\.world_size=8 but 4 ranks were launched; launch 8 ranks or set "
-                           r"parallel\.world_size=4"),
-    ({"tp": 4}, 6, r"world size 6 is not divisible by parallel\.tp=4"),
-    ({"ep": 2, "etp": 2}, 6, r"world size 6 is not divisible by parallel\.ep·parallel\.etp=2·2"),
-])
-def test_validate_world_names_sizes_and_fix(parallel, world, match) -> None:
-    with pytest.raises(ConfigError, match=match):
-        C.validate_world(_cfg(parallel=parallel), world)
-
-
 def test_world_size_in_config_is_checked_against_the_layout() -> None:
     _bad(r"world size 6 is not divisible by parallel\.ep·parallel\.etp=4·1", parallel={"ep": 4, "world_size": 6})

@@ -67,7 +67,7 @@ def test_mixtral_8x7b_published_sizes_and_fast() -> None:
 @pytest.mark.parametrize("name,world,tp,ep,etp", [l for l in LAYOUTS if l[0] != "mixtral-8x7b"])
 def test_per_rank_counts_equal_meta_device_model(name, world, tp, ep, etp) -> None:
     cfg = _cfg(name, tp, ep, etp)
-    dims = ParallelDims.create(world, tp=tp, ep=ep, etp=etp)
+    dims = ParallelDims(world=world, tp=tp, ep=ep, etp=etp)
     want = param_counts(cfg, dims)
     for rank in {0, world - 1}:                      # every rank holds the same shapes; check both ends
         with torch.device("meta"):
@@ -197,16 +197,18 @@ def test_cli_world_from_config(capsys) -> None:
                                           "divides the expert count"),
     (["--world", "4", "--parallel.world_size=8"], "parallel.world_size=8 but 4 ranks were launched; launch 8 "
                                                   "ranks or set parallel.world_size=4"),
-    (["--world", "0"], "world size=0: must be >= 1"),
+    (["--world", "0"], "world size 0: must be >= 1; launch at least one rank"),
     ([], "no world size: pass --world N (or set parallel.world_size in the config)"),
     (["--world", "8", "--parallel.tp=8"], "model.n_heads=4 is not divisible by parallel.tp=8; choose tp that "
                                           "divides it"),
 ])
 def test_cli_errors(capsys, argv, message) -> None:
     assert cli.main(["plan", TINY, *argv]) == 2
-    assert capsys.readouterr().err.strip() == f"moe-dist: config error: {message}"
+    kind = "config" if message.startswith("no world size") else "layout"     # layouts: check_layout's one message
+    assert capsys.readouterr().err.strip() == f"moe-dist: {kind} error: {message}"
 
 
-def test_make_plan_raises_value_error_from_parallel_dims() -> None:
-    with pytest.raises(ValueError, match=r"world size=-1: must be >= 1"):
+def test_make_plan_raises_the_layout_error() -> None:
+    from moe_dist.parallel.layout import LayoutError
+    with pytest.raises(LayoutError, match=r"world size -1: must be >= 1"):
         make_plan(config.load(TINY), -1)

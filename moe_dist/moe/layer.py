@@ -71,9 +71,7 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
         self.router = Router(cfg, dim)
-        if cfg.expert_hidden % topo.etp.size:
-            raise ValueError(f"moe.expert_hidden={cfg.expert_hidden} is not divisible by parallel.etp={topo.etp.size}")
-        hidden = cfg.expert_hidden // topo.etp.size
+        hidden = cfg.expert_hidden // topo.etp.size      # etp divides it: judged by check_layout
         # The experts' backend also picks the permute/unpermute implementation (Triton or torch).
         backend = resolve_backend(cfg.backend, dim, hidden)
         if dispatcher is None:

@@ -24,12 +24,13 @@ pytest.importorskip("deepspeed")
 
 def _both_engines(rank, world, raw):
     """Native trainer, then DeepSpeed, on the same ranks: per-step results and final local parameters."""
-    from moe_dist.parallel.topology import ParallelDims, Topology
+    from moe_dist.parallel.layout import check_layout
+    from moe_dist.parallel.topology import Topology
     from moe_dist.train.deepspeed_engine import DeepSpeedTrainer
     from moe_dist.train.trainer import Trainer
     cfg = config.from_dict(raw)
     config.validate(cfg)
-    topo = Topology.build(ParallelDims.create(world, ep=cfg.parallel.ep, num_experts=cfg.moe.num_experts),
+    topo = Topology.build(check_layout(cfg, world),
                           timeout_s=60)
     out = {}
     for name, cls in (("native", Trainer), ("deepspeed", DeepSpeedTrainer)):
@@ -128,7 +129,7 @@ def _mismatched_groups(rank, world):
     from moe_dist.parallel.topology import ParallelDims, Topology
     from moe_dist.train.deepspeed_engine import check_expert_groups
     deepspeed.init_distributed(dist_backend="gloo")
-    topo = Topology.build(ParallelDims.create(world, ep=2), timeout_s=60)
+    topo = Topology.build(ParallelDims(world=world, ep=2), timeout_s=60)
     groups._create_expert_and_data_parallel(2, use_data_before_expert_parallel_=True)
     try:
         check_expert_groups(topo)
@@ -150,11 +151,12 @@ def test_groups_that_differ_from_ours_are_refused_at_start_up():
 # Checkpoints: 2 steps, save, a fresh spawn resumes and trains 2 more == 4 steps straight.
 
 def _fit(rank, world, raw):
-    from moe_dist.parallel.topology import ParallelDims, Topology
+    from moe_dist.parallel.layout import check_layout
+    from moe_dist.parallel.topology import Topology
     from moe_dist.train.deepspeed_engine import DeepSpeedTrainer
     cfg = config.from_dict(raw)
     config.validate(cfg)
-    topo = Topology.build(ParallelDims.create(world, ep=cfg.parallel.ep, num_experts=cfg.moe.num_experts),
+    topo = Topology.build(check_layout(cfg, world),
                           timeout_s=60)
     trainer = DeepSpeedTrainer(cfg, topo=topo)
     history = trainer.fit(progress=False)
@@ -188,3 +190,56 @@ def test_resume_continues_exactly(tmp_path, tokens, stage):
     # Another layout is refused, naming what to keep equal.
     with pytest.raises(AssertionError, match="resume with the same world size, parallel.ep and train.zero_stage"):
         run_ranks(_fit, 2, {**raw(4, "must", "run"), "parallel": {"ep": 1}}, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints go through the native checkpoints' store: a manifest of the rank files, and a truncated rank
+# file named by rank 0's verification on every rank (then checkpoint.fallback loads the previous step).
+
+def _save_then_truncate(rank, world, raw):
+    from moe_dist.parallel.comm import barrier
+    from moe_dist.parallel.layout import check_layout
+    from moe_dist.parallel.topology import Topology
+    from moe_dist.train.checkpoint import CheckpointError
+    from moe_dist.train.deepspeed_engine import DeepSpeedTrainer
+    cfg = config.from_dict(raw)
+    config.validate(cfg)
+    topo = Topology.build(check_layout(cfg, world), timeout_s=60)
+    trainer = DeepSpeedTrainer(cfg, topo=topo)
+    trainer.fit(progress=False)                     # saves step_000001 and step_000002 (every=1, keep=2)
+    folder = trainer.last_checkpoint
+    meta = json.loads((folder / "meta.json").read_text())
+    barrier(topo.world)
+    victim = folder / "rank00001.pt"
+    if rank == 0:                                   # rank 1's file, found by rank 0's check
+        victim.write_bytes(victim.read_bytes()[:1000])
+    barrier(topo.world)
+    trainer.cfg.checkpoint.resume = "must"          # the run above started fresh; now resume from its folder
+    try:
+        trainer.resume()
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    trainer.cfg.checkpoint.fallback = True
+    step = trainer.resume()
+    return {"meta": meta, "folder": folder, "victim": str(victim), "error": error, "fallback_step": step,
+            "resumed_from": trainer.resumed_from}
+
+
+def test_save_writes_a_manifest_and_a_truncated_rank_file_is_named(tmp_path, tokens):
+    raw = tiny(tmp_path, tokens, ep=2, stage=2)
+    raw["train"]["steps"] = 2
+    raw["checkpoint"] = {"dir": str(tmp_path / "ck"), "every": 1, "keep": 2, "resume": "never"}
+    results = run_ranks(_save_then_truncate, 2, raw, timeout=300)
+    r = results[0]
+    assert r["folder"] == tmp_path / "ck" / "deepspeed" / "step_000002"
+    meta = r["meta"]
+    assert meta["engine"] == "deepspeed" and meta["step"] == 2 and meta["format"] == 1
+    assert meta["layout"] == {"world": 2, "tp": 1, "ep": 2, "etp": 1, "dp": 2, "edp": 1, "zero_stage": 2}
+    assert set(meta["files"]) == {"rank00000.pt", "rank00001.pt"}
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 1000 for f in meta["files"].values())
+    for rank, res in enumerate(results):            # every rank raises rank 0's verdict, naming the file
+        assert res["error"] is not None and res["error"].startswith(f"checkpoint {r['folder']} is corrupt: file "
+                                                                   f"{r['victim']} has 1000 bytes"), (rank, res)
+        assert "set checkpoint.fallback=true" in res["error"]
+        assert res["fallback_step"] == 1 and res["resumed_from"].name == "step_000001"

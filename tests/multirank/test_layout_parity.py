@@ -17,6 +17,7 @@ from distributed import run_ranks
 from moe_dist import config
 from moe_dist.models.gpt import MoEGPT
 from moe_dist.moe.layer import MoELayer
+from moe_dist.parallel.layout import check_layout
 from moe_dist.parallel.tensor_parallel import local_slice
 from moe_dist.parallel.topology import ParallelDims, Topology
 from moe_dist.train.trainer import Trainer
@@ -81,7 +82,7 @@ def _parity_worker(rank, world, cases):
         cfg = config.from_dict(raw)
         config.validate(cfg)
         p = cfg.parallel
-        topo = Topology.build(ParallelDims.create(world, p.tp, p.ep, p.etp, cfg.moe.num_experts), timeout_s=60)
+        topo = Topology.build(check_layout(cfg, world), timeout_s=60)
         x, y = global_batch(cfg, topo.dims.dp)
         B = cfg.train.batch_size
         rows = slice(topo.dp.rank * B, (topo.dp.rank + 1) * B)
@@ -101,7 +102,7 @@ def test_step_matches_one_process(parity_runs, case):
     raw = CASES[case]
     cfg = config.from_dict(raw)
     p = cfg.parallel
-    dims = ParallelDims.create(WORLD, p.tp, p.ep, p.etp)
+    dims = ParallelDims(world=WORLD, tp=p.tp, ep=p.ep, etp=p.etp)
     ref_raw = copy.deepcopy(raw)
     ref_raw["parallel"] = {}
     ref_raw["moe"]["capacity_groups"] = WORLD
@@ -192,7 +193,7 @@ def edge_layer(topo: Topology | None = None) -> MoELayer:
 def _edge_worker(rank, world, cases):
     out = {}
     for (lay, (ep, etp)), (case, assign) in cases:
-        topo = Topology.build(ParallelDims.create(world, 1, ep, etp, E), timeout_s=60)
+        topo = Topology.build(ParallelDims(world=world, ep=ep, etp=etp), timeout_s=60)
         layer = edge_layer(topo)
         x = edge_inputs(assign[rank], seed=rank).requires_grad_()
         y, stats = layer(x)
@@ -216,7 +217,7 @@ def edge_runs():
 def test_layer_edge_cases_match_one_process(edge_runs, lay_case):
     lay, case = lay_case
     ep, etp = EDGE_LAYOUTS[lay]
-    dims = ParallelDims.create(WORLD, 1, ep, etp)
+    dims = ParallelDims(world=WORLD, ep=ep, etp=etp)
     xs = [edge_inputs(EDGE[case][r], seed=r) for r in range(WORLD)]
     x = torch.cat(xs).requires_grad_()
     layer = edge_layer()
@@ -255,7 +256,7 @@ def _rows_worker(rank, world, cases):
     for name, raw in cases.items():
         cfg = config.from_dict(raw)
         p = cfg.parallel
-        topo = Topology.build(ParallelDims.create(world, p.tp, p.ep, p.etp, cfg.moe.num_experts), timeout_s=60)
+        topo = Topology.build(check_layout(cfg, world), timeout_s=60)
         x, y = global_batch(cfg, topo.dims.dp)
         B = cfg.train.batch_size
         rows = slice(topo.dp.rank * B, (topo.dp.rank + 1) * B)
@@ -279,7 +280,7 @@ def test_alltoall_rows_match_plan_and_nothing_is_padded(row_runs, lay):
     from moe_dist.plan import alltoall_rows_per_layer
     cfg = config.from_dict(ROW_CASES[lay])
     p = cfg.parallel
-    predicted = alltoall_rows_per_layer(cfg, ParallelDims.create(WORLD, p.tp, p.ep, p.etp))
+    predicted = alltoall_rows_per_layer(cfg, ParallelDims(world=WORLD, tp=p.tp, ep=p.ep, etp=p.etp))
     for r in row_runs:
         # Dropless and balanced: every rank sends exactly the rows bound for other ranks' experts.
         assert r[lay]["rows_out"] == [predicted["sent"]] * 2
@@ -303,7 +304,7 @@ def test_micro_batch_balance_is_each_ranks_own_loss(row_runs):
 def _die_mid_step(rank, world, raw, dying_rank):
     import os
     cfg = config.from_dict(raw)
-    topo = Topology.build(ParallelDims.create(world, 1, 2, 1, cfg.moe.num_experts), timeout_s=20)
+    topo = Topology.build(check_layout(cfg, world), timeout_s=20)
     x, y = global_batch(cfg, world)
     B = cfg.train.batch_size
     out = MoEGPT(cfg, topo)(x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B])

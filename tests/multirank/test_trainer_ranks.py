@@ -8,7 +8,8 @@ import torch
 from distributed import run_ranks
 from moe_dist.models.gpt import MoEGPT
 from moe_dist.parallel.grads import global_grad_norm, reduce_gradients
-from moe_dist.parallel.topology import ParallelDims, Topology
+from moe_dist.parallel.layout import check_layout
+from moe_dist.parallel.topology import Topology
 from moe_dist.train.trainer import Trainer
 from trainer_helpers import RowsBatcher, make_cfg, tiny, tokens
 
@@ -21,7 +22,7 @@ def _norm(rank, world, layouts, G):
     x, y = tokens(G, seed=3)
     for name, (tp, ep, etp) in layouts.items():
         cfg = make_cfg(tiny(tp, ep, etp), batch_size=G // (world // tp))
-        topo = Topology.build(ParallelDims.create(world, tp, ep, etp, 4), timeout_s=60)
+        topo = Topology.build(check_layout(cfg, world), timeout_s=60)
         model = MoEGPT(cfg, topo)
         B = cfg.train.batch_size
         model(x[topo.dp.rank * B:(topo.dp.rank + 1) * B], y[topo.dp.rank * B:(topo.dp.rank + 1) * B]).loss.backward()
@@ -32,7 +33,7 @@ def _norm(rank, world, layouts, G):
 
 def _nonfinite(rank, world, mode):
     cfg = make_cfg(tiny(1, 2, 1), on_nonfinite=mode)
-    topo = Topology.build(ParallelDims.create(world, 1, 2, 1, 4), timeout_s=60)
+    topo = Topology.build(check_layout(cfg, world), timeout_s=60)
     x, y = tokens(4, seed=rank)
     trainer = Trainer(cfg, topo=topo, batcher=RowsBatcher(x, y, 2))
     router = trainer.model.blocks[2].mlp.router         # the second MoE layer (layer 0 is dense)

@@ -34,7 +34,7 @@ def test_family_trains_on_four_ranks_with_falling_loss(family, text_tokens, tmp_
     tp, ep, etp = LAYOUTS[family]
     preset = REPO / "configs" / f"{family}-tiny.yaml"
     cfg = config.load(preset)
-    layout = ParallelDims.create(WORLD, tp, ep, etp, cfg.moe.num_experts).describe()
+    layout = ParallelDims(world=WORLD, tp=tp, ep=ep, etp=etp).describe()
     cmd = [str(LAUNCH / "torchrun.sh"), str(preset), f"--train.steps={STEPS}", "--train.log_every=20",
            f"--data.path={text_tokens}", f"--train.out_dir={tmp_path / 'run'}"]
     env = script_env(NPROC_PER_NODE=str(WORLD), TP=str(tp), EP=str(ep), ETP=str(etp))

@@ -126,8 +126,8 @@ def test_a_world_that_does_not_match_the_config_is_refused_before_training(token
                    cwd=tmp_path, wait_s=150)
     for name, (rc, out, err) in zip(launchers, runs):
         assert rc != 0, name
-        assert "parallel.world_size=4 but 2 ranks were launched; launch 4 ranks or set parallel.world_size=2" \
-            in err, f"{name}:\n{err[-3000:]}"
+        assert err.count("moe-dist: layout error: parallel.world_size=4 but 2 ranks were launched; launch 4 ranks "
+                         "or set parallel.world_size=2") == 1, f"{name}:\n{err[-3000:]}"   # once: before any rank
         assert "moe-dist train:" not in out, name   # no model was built ...
         assert not (tmp_path / name).exists(), name  # ... and no step ran
 
@@ -240,11 +240,12 @@ def _poisoned_run(rank, world, overrides, out_dir):
     import torch
 
     from moe_dist import config
-    from moe_dist.parallel.topology import ParallelDims, Topology
+    from moe_dist.parallel.layout import check_layout
+    from moe_dist.parallel.topology import Topology
     from moe_dist.train.trainer import Trainer
     cfg = config.load(CONFIG, [*overrides, f"--train.out_dir={out_dir}", "--checkpoint.resume=never",
                                "--train.tensorboard=false"])
-    topo = Topology.build(ParallelDims.create(world, 1, 2, 1, cfg.moe.num_experts), timeout_s=30)
+    topo = Topology.build(check_layout(cfg, world), timeout_s=30)
     trainer = Trainer(cfg, topo=topo)
     router = trainer.model.blocks[POISON_LAYER].mlp.router.weight_ED
     others = [p for p in trainer.model.parameters() if p is not router]

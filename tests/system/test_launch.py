@@ -106,12 +106,24 @@ def test_script_help_and_a_missing_config(script, tmp_path):
     assert rc == 2 and "config file 'nope.yaml' does not exist" in err
 
 
-def test_slurm_layout_that_does_not_fit_is_refused_by_every_task(tokens, tmp_path):
-    fake_srun(tmp_path)
-    env = script_env(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", EP="4")
-    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
-    [(rc, _, err)] = run_all([([str(LAUNCH / "slurm.sbatch"), *args_for(tokens, tmp_path / "run")], env)],
+LAYOUT_ERROR = "moe-dist: layout error: world size 2 is not divisible by parallel.ep·parallel.etp=4·1; " \
+               "launch a multiple of 4 ranks or change ep/etp"
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "slurm.sbatch"])
+def test_a_layout_that_does_not_fit_is_refused_once_before_any_rank_starts(script, tokens, tmp_path):
+    """The launch scripts judge the layout (plan --check) before starting ranks: one line, the same as plan's."""
+    env = script_env(NPROC_PER_NODE="2", EP="4")
+    if script == "slurm.sbatch":
+        fake_srun(tmp_path)
+        env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost")
+        env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+    [(rc, _, err)] = run_all([([str(LAUNCH / script), *args_for(tokens, tmp_path / "run")], env)],
                              cwd=tmp_path, wait_s=120)
     assert rc == 2
-    assert err.count("moe-dist: config error: world size 2 is not divisible by parallel.ep·parallel.etp=4·1") == 2
+    assert [line for line in err.splitlines() if line.startswith("moe-dist:")] == [LAYOUT_ERROR]
+    assert "Traceback" not in err and "torch.distributed.run" not in err     # no rank was started
     assert not (tmp_path / "run").exists()          # refused before training started
+    [(rc, _, err)] = run_all([([sys.executable, "-m", "moe_dist.cli", "plan", CONFIG, "--world", "2",
+                                "--parallel.ep=4"], script_env())], cwd=tmp_path, wait_s=60)
+    assert (rc, err.strip()) == (2, LAYOUT_ERROR)

@@ -36,7 +36,7 @@ from moe_dist.train.trainer import Trainer, build_optimizer
 def test_chunks_tile_the_global_tensor(spec, dims):
     """Each rank's chunks are exactly its local_slice, placed where they sit in the global tensor, and the
     distinct chunks of all ranks cover every element once (replicas share chunk offsets)."""
-    pd = ParallelDims.create(**dims)
+    pd = ParallelDims(**dims)
     local_shape = list((8, 6, 12))
     topo0 = Topology.virtual(pd, 0)
     for s in spec:
