@@ -58,3 +58,88 @@ def test_zero_tokens(shape, kw) -> None:
     assert stats.drop_fraction == 0.0
     (y.sum() + stats.aux_loss + stats.z_loss).backward()
     assert x.grad.shape == shape
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The public steps: forward is their composition, so a benchmark that times them one by one times forward.
+# ---------------------------------------------------------------------------------------------------------
+
+def _by_hand(layer, x_BSD):
+    """forward's steps called one by one, as `bench layer`'s breakdown calls them (single process: no tp)."""
+    B, S, D_ = x_BSD.shape
+    x_TD = x_BSD.reshape(B * S, D_)
+    routing = layer.route(x_TD, B, S)
+    cap = layer.capacity(routing)
+    x_ND, offsets_E, meta = layer.dispatch(x_TD, routing, cap)
+    y_ND = layer.run_experts(x_ND, offsets_E)
+    y_TD = layer.shared_experts(x_TD, layer.combine(y_ND, meta))
+    return y_TD.view(B, S, D_), layer.stats(routing, cap, meta)
+
+
+STAGE_CASES = {
+    "dropless": dict(),
+    "capacity": dict(capacity_factor=0.75, min_capacity=1),
+    "capacity_groups_position": dict(capacity_factor=0.75, min_capacity=1, capacity_groups=2,
+                                     drop_policy="position"),
+    "shared_losses": dict(num_shared_experts=1, aux_loss_coef=0.01, z_loss_coef=0.01, capacity_factor=1.0),
+    "seq_aux_top1": dict(top_k=1, aux_loss_coef=0.01, aux_loss_type="seq"),
+    "all_to_all_dispatcher": dict(capacity_factor=1.0, dispatcher="all_to_all"),
+}
+
+
+@pytest.mark.parametrize("case", list(STAGE_CASES))
+def test_stages_composed_by_hand_equal_forward(case: str) -> None:
+    """route → capacity → dispatch → run_experts → combine → shared_experts → stats, called by hand, give
+    forward's output, statistics, losses and every gradient exactly (not merely close)."""
+    kw = dict(STAGE_CASES[case])
+    layer = make_layer(seed=7, **{k: v for k, v in kw.items() if k != "dispatcher"})
+    if kw.get("dispatcher") == "all_to_all":
+        # The expert-parallel dispatcher on a group of one: its AllToAllMeta path without ranks.
+        from moe_dist.moe.dispatch import AllToAllDispatcher
+        from moe_dist.parallel.topology import Topology
+        single = Topology.single()
+        layer.dispatcher = AllToAllDispatcher(layer.cfg.num_experts, single.ep, single.etp)
+    x = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(8))
+    gy = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(9))
+    results = []
+    for run in (layer, lambda xx: _by_hand(layer, xx)):
+        layer.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        y, stats = run(xx)
+        ((y * gy).sum() + stats.aux_loss + stats.z_loss).backward()
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+        results.append((y.detach(), stats, xx.grad.clone(), grads))
+    (y1, s1, gx1, g1), (y2, s2, gx2, g2) = results
+    assert torch.equal(y1, y2) and torch.equal(gx1, gx2)
+    assert g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1)
+    for field in ("tokens_per_expert", "dropped", "aux_loss", "z_loss", "entropy", "router_finite"):
+        assert torch.equal(getattr(s1, field), getattr(s2, field)), field
+    assert (s1.num_tokens, s1.capacity, s1.a2a_rows_out, s1.a2a_rows_in) == \
+        (s2.num_tokens, s2.capacity, s2.a2a_rows_out, s2.a2a_rows_in)
+    if "capacity_factor" in kw and case != "shared_losses":
+        assert int(s1.dropped.sum()) > 0          # the capacity step really dropped something
+
+
+@pytest.mark.parametrize("dispatcher", ["local", "all_to_all"])
+def test_combine_takes_other_weights(dispatcher: str) -> None:
+    """combine(y, meta, weights_TK=w) weights the expert rows by w instead of the router's weights (the
+    breakdown passes a leaf there, whose gradient must arrive), for both kinds of dispatch metadata."""
+    layer = make_layer(seed=5, capacity_factor=1.0)
+    if dispatcher == "all_to_all":
+        from moe_dist.moe.dispatch import AllToAllDispatcher
+        from moe_dist.parallel.topology import Topology
+        single = Topology.single()
+        layer.dispatcher = AllToAllDispatcher(layer.cfg.num_experts, single.ep, single.etp)
+    x_TD = torch.randn(10, D, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        routing = layer.route(x_TD, 1, 10)
+        cap = layer.capacity(routing)
+        x_ND, offsets_E, meta = layer.dispatch(x_TD, routing, cap)
+        y_ND = layer.run_experts(x_ND, offsets_E)
+        y_TD = layer.combine(y_ND, meta)
+    w_TK = (3.0 * routing.weights_TK).requires_grad_()
+    y3_TD = layer.combine(y_ND, meta, weights_TK=w_TK)
+    torch.testing.assert_close(y3_TD.detach(), 3.0 * y_TD)
+    y3_TD.sum().backward()
+    assert w_TK.grad is not None and w_TK.grad.abs().sum() > 0
+    assert torch.equal(layer.combine(y_ND, meta), y_TD)   # the stored metadata is unchanged
