@@ -137,15 +137,11 @@ def _slurm_master(env: Mapping[str, str]) -> tuple[str, int]:
     return addr, port
 
 
-def detect_launch(env: Mapping[str, str], expected_world: Optional[int] = None) -> LaunchInfo:
+def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
     """Read the launcher's variables from ``env``; no side effects. ``backend`` is left ``None``."""
     found = next((entry for entry in _LAUNCHERS if entry[1] in env), None)
     if found is None:
         info = LaunchInfo("none", 0, 1, 0, None, None)
-        if expected_world not in (None, 1):
-            raise ValueError(f"no launcher found (RANK, OMPI_COMM_WORLD_RANK and SLURM_PROCID are unset), so this "
-                             f"is a single process, but parallel.world_size={expected_world}: start it with torchrun "
-                             f"--nproc_per_node {expected_world} (or mpirun / srun), or set parallel.world_size=1")
         return info
     launcher, rank_var, world_var, local_var = found
     for var in (world_var, local_var):
@@ -160,9 +156,6 @@ def detect_launch(env: Mapping[str, str], expected_world: Optional[int] = None) 
                          f"give every process a distinct rank below {world_var}")
     if not 0 <= local_rank < world:
         raise ValueError(f"{local_var}={local_rank} is not in 0..{world - 1}; fix the launcher's environment")
-    if expected_world is not None and world != expected_world:
-        raise ValueError(f"{world_var}={world} but the config expects parallel.world_size={expected_world}: "
-                         f"launch {expected_world} processes or set parallel.world_size={world}")
     if launcher == "slurm":
         addr, port = _slurm_master(env)
     else:
@@ -201,7 +194,7 @@ def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
     return dataclasses.replace(info, master_addr=addr, master_port=port)
 
 
-def init_distributed(timeout_s: float, backend: Optional[str] = None, expected_world: Optional[int] = None,
+def init_distributed(timeout_s: float, backend: Optional[str] = None,
                      env: Mapping[str, str] = os.environ) -> LaunchInfo:
     """Initialise the default process group from the launcher's environment and return what was found.
 
@@ -211,7 +204,7 @@ def init_distributed(timeout_s: float, backend: Optional[str] = None, expected_w
     """
     if not timeout_s > 0:
         raise ValueError(f"parallel.timeout_s={timeout_s} must be positive; set it to a few minutes")
-    info = detect_launch(env, expected_world)
+    info = detect_launch(env)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     info = dataclasses.replace(info, backend=backend)

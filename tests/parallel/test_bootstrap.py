@@ -1,12 +1,15 @@
 """Launcher bootstrap (moe_dist.parallel.bootstrap), in this process: pure parsing of every launcher's
 environment, the errors raised before any group exists, and a one-process group. The real 2-rank groups
 started by each launcher are in tests/system/test_bootstrap_processes.py."""
+import dataclasses
 import sys
 
 import pytest
 import torch.distributed as dist
 
+from moe_dist.config import Config, ParallelConfig
 from moe_dist.parallel.bootstrap import LaunchInfo, detect_launch, expand_nodelist, init_distributed, shutdown
+from moe_dist.parallel.layout import LayoutError, check_layout
 
 TORCHRUN = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "29500"}
 MPI = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}
@@ -41,12 +44,17 @@ def test_expand_nodelist_errors(text, message):
         expand_nodelist(text)
 
 
+def _asks_for(world: int) -> Config:
+    return dataclasses.replace(Config(), parallel=ParallelConfig(world_size=world))
+
+
 def test_no_launcher_is_one_process():
     assert detect_launch({}) == LaunchInfo("none", 0, 1, 0, None, None)
-    assert detect_launch({}, expected_world=1).world_size == 1
-    with pytest.raises(ValueError, match=r"no launcher found .* parallel.world_size=4: start it with torchrun "
-                                         r"--nproc_per_node 4 .* or set parallel.world_size=1"):
-        detect_launch({}, expected_world=4)
+    assert check_layout(_asks_for(1), detect_launch({}).world_size).world == 1
+    # The launcher's world meets the config in the one layout check (the CLI does exactly this).
+    with pytest.raises(LayoutError, match=r"parallel.world_size=4 but 1 rank was launched \(a single process\); "
+                                          r"launch 4 ranks with torchrun, mpirun or srun, or set parallel.world_size=1"):
+        check_layout(_asks_for(4), detect_launch({}).world_size)
 
 
 def test_torchrun_and_deepspeed():
@@ -105,10 +113,11 @@ def test_inconsistent_environment(env, message):
 
 @pytest.mark.parametrize("env, var", [(TORCHRUN, "WORLD_SIZE"), (MPI, "OMPI_COMM_WORLD_SIZE"), (SLURM, "SLURM_NTASKS")])
 def test_world_size_differs_from_config(env, var):
-    world = env[var]
-    with pytest.raises(ValueError, match=f"{var}={world} but the config expects parallel.world_size=8: "
-                                         f"launch 8 processes or set parallel.world_size={world}"):
-        detect_launch(env, expected_world=8)
+    world = detect_launch(env).world_size
+    assert world == int(env[var])
+    with pytest.raises(LayoutError, match=f"parallel.world_size=8 but {world} ranks were launched; "
+                                          f"launch 8 ranks or set parallel.world_size={world}"):
+        check_layout(_asks_for(8), world)
 
 
 def test_mpi_leaves_the_master_to_the_broadcast():
