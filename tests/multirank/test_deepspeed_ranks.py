@@ -3,8 +3,9 @@
 Parity: the same config, seeded weights and batches trained a few steps by the native `Trainer` and by
 `DeepSpeedTrainer` in the same fresh processes (DeepSpeed's expert groups are process-global, so every case
 gets its own spawn) give the same losses, gradient norms, expert counts and parameters, with ZeRO-1 and ZeRO-2
-by default; with --run-slow also stage 0 (our own clipping), accumulation, pure data parallelism, EP=2×DP=2 on
-4 ranks, DeepSpeed groups in another rank order, and checkpoint resume. Clipping is active (a small
+by default, and its checkpoint's manifest (a truncated rank file named on every rank, then the fallback); with
+--run-slow also stage 0 (our own clipping), accumulation, pure data parallelism, EP=2×DP=2 on 4 ranks, DeepSpeed
+groups in another rank order, and checkpoint resume. Clipping is active (a small
 train.grad_clip), so DeepSpeed's global norm is checked against ours. The generated DeepSpeed JSON is in
 tests/train/test_deepspeed_engine.py, `launch/deepspeed.sh` in tests/system/test_deepspeed_launch.py.
 """
