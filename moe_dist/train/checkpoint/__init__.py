@@ -11,7 +11,8 @@
                weights-only.
 - `dcp_io`     `save` and `load` of the native trainer's state with DCP, joining the four above.
 """
-from moe_dist.parallel.comm import broadcast_from_rank0   # re-exported: the trainer reaches it as ckpt.broadcast_from_rank0
+# Re-exported from parallel.comm (its one definition): the trainer reaches it as ckpt.broadcast_from_rank0.
+from moe_dist.parallel.comm import broadcast_from_rank0
 from moe_dist.train.checkpoint.dcp_io import load, save
 from moe_dist.train.checkpoint.safe_load import load_weights_only
 from moe_dist.train.checkpoint.shards import ShardView, shard_chunks

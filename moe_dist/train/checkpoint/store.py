@@ -88,34 +88,28 @@ def write(root: str | Path, step: int, topo: Topology, keep: int, fill: Callable
 
 def _publish(root: Path, tmp: Path, final: Path, meta: dict[str, Any], keep: int) -> None:
     """Rank 0: manifest, rename, `latest`, prune; each step durable before the next makes it visible."""
-    files = {p.name: _fingerprint(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p, fsync=True)}
+             for p in sorted(tmp.iterdir()) if p.is_file()}
     _write_atomic(tmp / META_NAME, json.dumps({**meta, "files": files}, indent=1, default=str) + "\n")
-    stale = None
-    if final.exists():                 # a re-save of the same step (a restart redid it): set the old one aside
-        stale = final.with_name(f"{final.name}{TMP_MARK}stale-{uuid.uuid4().hex[:8]}")
-        os.replace(final, stale)
+    if final.exists():
+        # A re-save of the same step (a restart redid it): a rename sets the old one aside at once (an rmtree
+        # would leave `latest` naming a half-deleted folder for as long as it runs); prune deletes it below.
+        os.replace(final, final.with_name(f"{final.name}{TMP_MARK}stale-{uuid.uuid4().hex[:8]}"))
     os.replace(tmp, final)
     _fsync_dir(root)
     _write_atomic(root / LATEST_NAME, final.name + "\n")     # last: the pointer moves only to a whole folder
-    prune(root, keep)                  # removes `stale` too
+    prune(root, keep)
 
 
-def _fingerprint(path: Path) -> dict[str, Any]:
-    """Size and sha256 of a file, read once; the same open fsyncs it (on one node this covers every writer)."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
-        os.fsync(f.fileno())
-    return {"bytes": size, "sha256": h.hexdigest()}
-
-
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, fsync: bool = False) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+        if fsync:
+            # Rank 0 reads every file for the manifest anyway; on one node this fsync also covers what the
+            # other ranks wrote (across nodes only the writer's own fsync reaches the shared filesystem).
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
