@@ -168,6 +168,26 @@ def test_metadata_with_foreign_globals_is_refused(tmp_path):
         ckpt.load(path, meta, model, opt, topo)
 
 
+class _Holder:
+    """A plain attribute holder, like the loss-scaler objects in ZeRO's optimizer state."""
+    def __init__(self, value):
+        self.value = value
+
+
+def test_weights_only_loading_refuses_globals_unless_named(tmp_path):
+    """torch.save files (the DeepSpeed engine's rank files) load through the weights-only unpickler: a global
+    that runs code is refused naming the file, an attribute holder only when the caller names its class."""
+    tampered, holder = tmp_path / "tampered.pt", tmp_path / "holder.pt"
+    torch.save({"w": torch.ones(2), "x": _RunsCode()}, tampered)
+    torch.save({"w": torch.ones(2), "h": _Holder(3)}, holder)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{tampered}: refused by weights-only loading")):
+        ckpt.load_weights_only(tampered)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{holder}: refused by weights-only loading")):
+        ckpt.load_weights_only(holder)
+    state = ckpt.load_weights_only(holder, allow=[_Holder])
+    assert torch.equal(state["w"], torch.ones(2)) and state["h"].value == 3
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 
 def test_cli_train_resumes_from_latest(tmp_path, corpus, capsys):
