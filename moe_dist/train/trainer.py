@@ -241,16 +241,7 @@ class Trainer:
         c = self.cfg.checkpoint
         if self.checkpoint_root is None or c.resume == "never":
             return 0
-        # Rank 0 picks and verifies (sha256 of every file once, not once per rank) and tells the others.
-        found = err = None
-        if self.topo.rank == 0:
-            try:
-                found = ckpt.find(self.checkpoint_root, c.fallback, say=self._say)
-            except ckpt.CheckpointError as e:
-                err = str(e)
-        found, err = ckpt.broadcast_from_rank0((found, err), self.topo)
-        if err:
-            raise ckpt.CheckpointError(err)
+        found = ckpt.find_on_rank0(self.checkpoint_root, c.fallback, self.topo, say=self._say)
         if found is None:
             if c.resume == "must":
                 raise ckpt.CheckpointError(f"checkpoint.resume=must but {self.checkpoint_root} holds no checkpoint; "

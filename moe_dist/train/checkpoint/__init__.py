@@ -11,8 +11,6 @@
                weights-only.
 - `dcp_io`     `save` and `load` of the native trainer's state with DCP, joining the four above.
 """
-# Re-exported from parallel.comm (its one definition): the trainer reaches it as ckpt.broadcast_from_rank0.
-from moe_dist.parallel.comm import broadcast_from_rank0
 from moe_dist.train.checkpoint.dcp_io import load, save
 from moe_dist.train.checkpoint.safe_load import load_weights_only
 from moe_dist.train.checkpoint.shards import ShardView, shard_chunks
@@ -22,6 +20,6 @@ from moe_dist.train.checkpoint.store import (FORMAT, LATEST_NAME, META_NAME, Che
                                              find, find_on_rank0, prune, step_dir_name, verify)
 
 __all__ = ["CheckpointError", "ShardView", "shard_chunks", "save", "load", "find", "find_on_rank0", "verify",
-           "check_compatible", "prune", "complete_checkpoints", "broadcast_from_rank0", "layout_of",
+           "check_compatible", "prune", "complete_checkpoints", "layout_of",
            "state_for_dcp", "step_dir_name", "describe_layout", "FORMAT", "LATEST_NAME", "META_NAME",
            "materialize_optimizer_state", "shape_fields", "data_fields", "load_weights_only"]
