@@ -10,7 +10,7 @@ forward lives in the metadata, never in `self`, so one dispatcher serves every m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Protocol
 
 import torch
@@ -24,6 +24,10 @@ from moe_dist.parallel.topology import Group
 class DispatchMeta:
     pmap: PermuteMap
     weights_TK: torch.Tensor
+
+    def with_weights(self, weights_TK: torch.Tensor) -> "DispatchMeta":
+        """The same dispatch with other combine weights (a new value: the metadata is frozen)."""
+        return replace(self, weights_TK=weights_TK)
 
 
 class Dispatcher(Protocol):
@@ -74,6 +78,10 @@ class AllToAllMeta:
     etp_splits: tuple[int, ...]      # rows each ETP member received (what the ETP all-gather joins)
     order_R: torch.Tensor            # received rows (by source, then expert) → rows grouped by local expert
     inverse_R: torch.Tensor          # the inverse permutation
+
+    def with_weights(self, weights_TK: torch.Tensor) -> "AllToAllMeta":
+        """The same dispatch with other combine weights (a new value: the metadata is frozen)."""
+        return replace(self, local=self.local.with_weights(weights_TK))
 
     def rows_out(self, ep_rank: int) -> int:
         """Rows that left this rank in the dispatch (its own block stays home)."""

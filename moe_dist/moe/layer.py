@@ -7,7 +7,7 @@ dispatcher's metadata), never through `self`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -158,7 +158,7 @@ class MoELayer(nn.Module):
         `weights_TK` replaces the router weights that `dispatch` stored (the benchmark passes a leaf
         tensor there to time the unpermute's weight gradient on its own)."""
         if weights_TK is not None:
-            meta = _with_weights(meta, weights_TK)
+            meta = meta.with_weights(weights_TK)
         return self.dispatcher.combine(y_ND, meta)
 
     def shared_experts(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
@@ -194,9 +194,3 @@ class MoELayer(nn.Module):
         return self.stats_shards * losses.load_balancing_loss(probs_TE, counts_tokens[:-1], cfg.top_k,
                                                               cfg.aux_loss_coef, num_tokens=counts_tokens[-1])
 
-
-def _with_weights(meta: DispatchMeta | AllToAllMeta, weights_TK: torch.Tensor) -> DispatchMeta | AllToAllMeta:
-    """The same dispatch metadata with other combine weights (a new value; the metadata is frozen)."""
-    if isinstance(meta, AllToAllMeta):
-        return replace(meta, local=replace(meta.local, weights_TK=weights_TK))
-    return replace(meta, weights_TK=weights_TK)
