@@ -287,8 +287,8 @@ def validate_moe(m: MoEConfig) -> None:
 
 def validate(cfg: Config) -> None:
     """Check every field; raise :class:`ConfigError` (a ValueError) naming the field, the value and the fix.
-    The parallel layout is judged by `moe_dist.parallel.layout.check_layout` (here: the parts that hold for
-    any world size, or for `parallel.world_size` when it is set)."""
+    Fields one at a time and with each other; the parallel layout (the sizes against each other, the model and
+    the world) is judged by `moe_dist.parallel.layout.check_layout`, which every command and the trainer call."""
     m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "dense_hidden", "moe_every"):
         if getattr(m, name) < 1:
@@ -334,8 +334,4 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.every={c.every}: must be >= 0 (0 saves only at the end and on SIGTERM)")
     if c.keep < 1:
         raise ConfigError(f"checkpoint.keep={c.keep}: must be >= 1")
-    # The parallel layout is judged in one place, shared with plan, train and the launchers. Imported here:
-    # the layout module builds on this one.
-    from moe_dist.parallel.layout import check_layout
-    check_layout(cfg)
 

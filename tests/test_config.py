@@ -301,22 +301,6 @@ def test_n_kv_heads_divisors_ok(kv) -> None:
     validate(_cfg(model={"n_kv_heads": kv}))
 
 
-@pytest.mark.parametrize("name", ["tp", "ep", "etp"])
-def test_parallel_sizes_positive(name) -> None:
-    _bad(rf"parallel\.{name}=0: must be >= 1", parallel={name: 0})
-
-
-def test_num_experts_not_divisible_by_ep() -> None:
-    _bad(r"moe\.num_experts=8 is not divisible by parallel\.ep=3; choose ep that divides the expert count",
-         parallel={"ep": 3})
-    validate(_cfg(parallel={"ep": 4}))
-
-
-def test_world_size_positive_or_null() -> None:
-    _bad(r"parallel\.world_size=0: must be >= 1 or null", parallel={"world_size": 0})
-    validate(_cfg(parallel={"world_size": 2}))
-
-
 def test_timeout_positive() -> None:
     _bad(r"parallel\.timeout_s=0(\.0)?: must be > 0", parallel={"timeout_s": 0.0})
 
@@ -497,8 +481,6 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
     assert load(p) == cfg
 
 
-# --------------------------------------------------------------------------------------- parallel layout
-
 def test_capacity_groups_below_one() -> None:
     _bad(r"moe\.capacity_groups=0: must be >= 1", moe={"capacity_groups": 0})
 
@@ -507,34 +489,3 @@ def test_balance_over_choices() -> None:
     with pytest.raises(ConfigError, match=r"moe\.balance_over='batch' is not allowed; choose one of "
                                           r"'micro_batch', 'global_batch'"):
         from_dict({"moe": {"balance_over": "batch"}})
-
-
-@pytest.mark.parametrize("model,name", [({"n_heads": 6, "dim": 192}, r"model\.n_heads=6"),
-                                        ({"n_kv_heads": 1}, r"model\.n_kv_heads=1"),
-                                        ({"dense_hidden": 510}, r"model\.dense_hidden=510")])
-def test_tensor_parallel_sizes_must_divide(model, name) -> None:
-    _bad(name + r" is not divisible by parallel\.tp=4; choose tp that divides it", model=model, parallel={"tp": 4})
-
-
-def test_tokens_must_split_over_tp() -> None:
-    _bad(r"train\.batch_size·train\.seq_len=9 tokens do not split over parallel\.tp=2",
-         model={"n_heads": 4}, parallel={"tp": 2}, train={"batch_size": 1, "seq_len": 9})
-
-
-def test_seq_aux_loss_needs_whole_sequences_per_tp_rank() -> None:
-    _bad(r"train\.batch_size=3: the sequence-level aux loss with parallel\.tp=2 needs whole sequences",
-         moe={"aux_loss_type": "seq"}, parallel={"tp": 2}, train={"batch_size": 3, "seq_len": 64})
-
-
-def test_expert_hidden_must_split_over_etp() -> None:
-    _bad(r"moe\.expert_hidden=255 is not divisible by parallel\.etp=2", moe={"expert_hidden": 255},
-         parallel={"etp": 2})
-
-
-def test_pad_to_capacity_is_single_process_only() -> None:
-    _bad(r"moe\.pad_to_capacity=True is single-process only", moe={"pad_to_capacity": True, "capacity_factor": 1.0},
-         parallel={"ep": 2})
-
-
-def test_world_size_in_config_is_checked_against_the_layout() -> None:
-    _bad(r"world size 6 is not divisible by parallel\.ep·parallel\.etp=4·1", parallel={"ep": 4, "world_size": 6})

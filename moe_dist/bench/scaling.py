@@ -32,7 +32,7 @@ import argparse
 import dataclasses
 import statistics
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 LAYOUTS = ("EP-only", "EP×DP", "TP×EP")
 # Megatron-core MoE README (NVIDIA/Megatron-LM, megatron/core/transformer/moe/README.md, MCore v0.9):

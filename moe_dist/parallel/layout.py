@@ -4,10 +4,11 @@ A layout is the config's parallel sizes (`parallel.tp`, `ep`, `etp`) placed on a
 when the ranks cannot be split into those groups, or when a tensor the layout splits does not divide: experts
 over ep, each expert's hidden dim over etp, heads and the dense MLP over tp, each micro-batch's tokens over tp
 (every tp rank routes 1/tp of them). Every entry point asks this function before it builds anything, so each
-bad layout yields the same single message everywhere: config validation (the parts that need no world
-size), `moe-dist plan`, `moe-dist train` and the launch scripts (before any process group exists), the
-trainer (for a topology handed in by code) and the benchmarks. The modules themselves (attention, MoE layer,
-dispatcher) trust the `Topology` they are given and do not judge it again.
+bad layout yields the same single message everywhere: `moe-dist plan`, `moe-dist train` and the launch scripts
+(before any process group exists), the trainer (for a topology handed in by code) and the benchmarks.
+`config.validate` checks fields one by one and leaves layouts here (this module builds on the config, not the
+other way round). The modules themselves (attention, MoE layer, dispatcher) trust the `Topology` they are
+given and do not judge it again.
 
 The first problem found is raised as a `LayoutError`, whose message names the field, the value and the fix.
 """
