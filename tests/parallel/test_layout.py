@@ -115,8 +115,8 @@ def test_plan_check_judges_without_printing_a_plan(capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_world_independent_parts_are_judged_at_validation():
-    # No world yet: experts vs ep is wrong whatever the launcher starts.
+def test_without_a_world_the_world_free_rules_are_judged():
+    # No world given: experts vs ep is wrong whatever the launcher starts; parallel.world_size stands in for it.
     with pytest.raises(LayoutError, match=r"moe\.num_experts=8 is not divisible by parallel\.ep=3"):
         check_layout(_cfg(parallel={"ep": 3}))
     assert check_layout(_cfg(parallel={"ep": 2})) is None
