@@ -81,7 +81,6 @@ def _parity_worker(rank, world, cases):
     for name, raw in cases.items():
         cfg = config.from_dict(raw)
         config.validate(cfg)
-        p = cfg.parallel
         topo = Topology.build(check_layout(cfg, world), timeout_s=60)
         x, y = global_batch(cfg, topo.dims.dp)
         B = cfg.train.batch_size
@@ -255,7 +254,6 @@ def _rows_worker(rank, world, cases):
     out = {}
     for name, raw in cases.items():
         cfg = config.from_dict(raw)
-        p = cfg.parallel
         topo = Topology.build(check_layout(cfg, world), timeout_s=60)
         x, y = global_batch(cfg, topo.dims.dp)
         B = cfg.train.batch_size
