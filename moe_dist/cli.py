@@ -8,7 +8,7 @@ import sys
 
 EXIT_BAD_INPUT = 2             # a config, layout or argument error, reported before anything starts
 EXIT_TERMINATED = 143          # stopped by SIGTERM after saving a checkpoint
-_QUIET_RANK_WAIT_S = 20.0      # how long a rank other than 0 waits before exiting on a bad layout
+_QUIET_RANK_WAIT_S = 20.0      # how long a rank other than 0 waits before exiting on bad input at start-up
 
 
 def _load_config(path: str, overrides: list[str]):

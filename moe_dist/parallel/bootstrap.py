@@ -141,8 +141,7 @@ def detect_launch(env: Mapping[str, str]) -> LaunchInfo:
     """Read the launcher's variables from ``env``; no side effects. ``backend`` is left ``None``."""
     found = next((entry for entry in _LAUNCHERS if entry[1] in env), None)
     if found is None:
-        info = LaunchInfo("none", 0, 1, 0, None, None)
-        return info
+        return LaunchInfo("none", 0, 1, 0, None, None)
     launcher, rank_var, world_var, local_var = found
     for var in (world_var, local_var):
         if var not in env:
