@@ -130,9 +130,15 @@ def cmd_train(args) -> int:
 
 def cmd_prepare_data(args) -> int:
     from moe_dist.train.data import prepare
-    meta = prepare(args.sources or None, args.out, args.max_bytes)
-    print(f"wrote {args.out}: {meta['tokens']:,} byte tokens from {meta['documents']:,} documents "
-          f"({', '.join(meta['sources'])})")
+    kwargs = {}
+    if args.tokenizer is not None:
+        kwargs["tokenizer"] = args.tokenizer
+    if args.train_tokenizer is not None:
+        kwargs["train_tokenizer"] = args.train_tokenizer
+    meta = prepare(args.sources or None, args.out, args.max_bytes, **kwargs)
+    what = meta.get("tokenizer") or "byte"
+    print(f"wrote {args.out}: {meta['tokens']:,} tokens ({what}, vocabulary {meta['vocab_size']:,}) from "
+          f"{meta['documents']:,} documents ({', '.join(meta['sources'])})")
     return 0
 
 
@@ -158,6 +164,10 @@ def cmd_plan(args) -> int:
     world = args.world if args.world is not None else cfg.parallel.world_size
     if world is None:
         raise ConfigError("no world size: pass --world N (or set parallel.world_size in the config)")
+    if args.fit is not None:
+        # Search the layouts of `world` ranks that fit the memory size instead of judging the config's own.
+        from moe_dist.plan_fit import cmd_fit
+        return cmd_fit(cfg, world, args)
     plan = make_plan(cfg, world)          # a layout that cannot run raises LayoutError here
     if args.check:
         return 0
@@ -178,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("sources", nargs="*", help="text files, folders, or .jsonl files with a 'text' field")
     d.add_argument("--out", default="data/stdlib.bin")
     d.add_argument("--max-bytes", type=int, default=None)
+    d.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenize with a Hugging Face tokenizer.json (a file, or a folder holding one)")
+    d.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB_SIZE",
+                   help="train a byte-level BPE tokenizer of this vocabulary size on the sources and save it "
+                        "beside the token file")
     d.set_defaults(func=cmd_prepare_data)
 
     c = sub.add_parser("params", help="total and active parameter counts of a config (no memory used)")
@@ -193,10 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--check", action="store_true",
                     help="only judge the layout: print nothing and exit 0 when it can run, else one error line and "
                          "exit 2 (the launch scripts run this before starting any rank)")
+    pl.add_argument("--fit", default=None, metavar="SIZE",
+                    help="search every valid layout of --world ranks (parallel sizes, optimizer sharding, "
+                         "recompute, micro-batch) for those whose memory per rank fits SIZE (80GiB, 80GB, 8e10 "
+                         "bytes) and rank them by predicted step time")
     pl.set_defaults(func=cmd_plan)
 
     from moe_dist.bench.commands import register
     register(sub)
+    from moe_dist.hf.commands import register as register_hf
+    register_hf(sub)
     return p
 
 

@@ -48,6 +48,8 @@ class MoEConfig:
     pad_to_capacity: bool = False
     num_shared_experts: int = 0         # DeepSeek: dense MLP(s) applied to every token
     shared_expert_hidden: Optional[int] = None  # default: num_shared_experts * expert_hidden
+    # Qwen2-MoE: the shared expert's output is scaled per token by sigmoid(x · w_gate), w_gate a [D] vector.
+    shared_expert_gate: bool = False
     backend: Literal["auto", "grouped_mm", "loop", "triton"] = "auto"
 
 
@@ -66,6 +68,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
+    head_dim: Optional[int] = None      # per-head size; None = dim // n_heads (Qwen3 sets it independently)
+    qkv_bias: bool = False              # biases on the q, k, v projections (Qwen2-MoE)
+    # RMSNorm on queries and keys before rotary: per head over head_dim (Qwen3-MoE) or over the whole
+    # q / k projection (OLMoE).
+    qk_norm: Literal["none", "per_head", "full"] = "none"
 
 
 @dataclass(kw_only=True)
@@ -75,6 +82,8 @@ class ParallelConfig:
     etp: int = 1
     world_size: Optional[int] = None    # when set, a launch with another world size is refused
     timeout_s: float = 300.0
+    stall_warn_s: float = 60.0          # a collective with no progress this long is reported, every interval
+    debug_sync: bool = False            # ranks compare (step, layer, split sizes) before each all-to-all
 
 
 @dataclass(kw_only=True)
@@ -92,7 +101,12 @@ class TrainConfig:
     log_every: int = 10
     out_dir: str = "runs/default"
     grad_accum_steps: int = 1           # micro-batches per optimizer step (global batch = this × batch_size × dp)
-    activation_checkpointing: bool = False   # recompute each block's activations in backward
+    # Recompute in backward instead of keeping activations: the experts' activation function only, the whole
+    # MoE layer, or the whole block.
+    recompute: Literal["none", "moe_act", "moe", "block"] = "none"
+    # Native engine: shard the fp32 master weights and AdamW moments (ZeRO-1), and the gradients (ZeRO-2),
+    # over the data-parallel group (dense parameters) and the expert-data-parallel group (experts).
+    shard_optimizer: Literal["none", "states", "states+grads"] = "none"
     eval_every: int = 0                 # validation loss every N steps (0: only at the end)
     eval_batches: int = 8
     on_nonfinite: Literal["raise", "skip"] = "raise"   # a NaN/Inf loss stops the run, or the step is skipped
@@ -100,6 +114,7 @@ class TrainConfig:
     zero_stage: int = 1                 # ZeRO stage for engine=deepspeed (0, 1 or 2)
     deepspeed_config: Optional[str] = None   # a DeepSpeed JSON whose keys override the generated ones
     tensorboard: bool = True            # TensorBoard scalars under out_dir/tb when tensorboard is installed
+    wandb_project: Optional[str] = None  # Weights & Biases run in this project when wandb is installed
 
 
 @dataclass(kw_only=True)
@@ -128,6 +143,11 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+# Fields that were renamed or replaced: (section, old name) → what to write instead.
+REPLACED = {
+    ("train", "activation_checkpointing"): "train.recompute: block (was true) or none (was false)",
+}
 
 
 class ConfigError(ValueError):
@@ -200,6 +220,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in (values or {}).items():
+            if (name, key) in REPLACED:
+                raise ConfigError(f"{name}.{key} was replaced; use {REPLACED[name, key]}")
             if key not in hints:
                 raise _unknown(f"field in '{name}'", key, list(hints))
             kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
@@ -218,6 +240,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if key.count(".") != 1:
             raise ConfigError(f"override key '{key}' must be section.field, e.g. moe.top_k")
         section, name = key.split(".")
+        if (section, name) in REPLACED:
+            raise ConfigError(f"{section}.{name} was replaced; use {REPLACED[section, name]}")
         if section not in raw:
             raise _unknown("config section", section, list(raw))
         if name not in raw[section]:
@@ -295,16 +319,22 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.{name}={getattr(m, name)}: must be >= 1")
     if m.first_dense < 0:
         raise ConfigError(f"model.first_dense={m.first_dense}: must be >= 0")
-    if m.dim % m.n_heads:
-        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; "
-                          "choose a head count that divides dim")
     if m.n_kv_heads is not None and (m.n_kv_heads < 1 or m.n_heads % m.n_kv_heads):
         raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
-    if (m.dim // m.n_heads) % 2:
-        raise ConfigError(f"model.dim/model.n_heads={m.dim // m.n_heads} must be even for rotary embeddings")
+    if m.head_dim is None and m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; "
+                          "choose a head count that divides dim, or set model.head_dim")
+    if m.head_dim is not None and m.head_dim < 2:
+        raise ConfigError(f"model.head_dim={m.head_dim}: must be >= 2, or null for model.dim // model.n_heads")
+    if (m.head_dim or m.dim // m.n_heads) % 2:
+        raise ConfigError(f"the head size {m.head_dim or m.dim // m.n_heads} (model.head_dim, or model.dim / "
+                          "model.n_heads) must be even for rotary embeddings")
     validate_moe(cfg.moe)
     if p.timeout_s <= 0:
         raise ConfigError(f"parallel.timeout_s={p.timeout_s}: must be > 0")
+    if p.stall_warn_s <= 0:
+        raise ConfigError(f"parallel.stall_warn_s={p.stall_warn_s}: must be > 0 (seconds without progress before a "
+                          "stalled collective is reported)")
     for name in ("steps", "batch_size", "seq_len", "log_every"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
@@ -324,6 +354,10 @@ def validate(cfg: Config) -> None:
     if t.zero_stage not in (0, 1, 2):
         raise ConfigError(f"train.zero_stage={t.zero_stage}: must be 0, 1 or 2 (stage 3 does not shard MoE experts "
                           "in DeepSpeed)")
+    if t.shard_optimizer != "none" and t.engine == "deepspeed":
+        raise ConfigError(f"train.shard_optimizer={t.shard_optimizer!r} with train.engine='deepspeed': DeepSpeed "
+                          "shards by its own ZeRO stage; set train.zero_stage (1: states, 2: states+grads) and "
+                          "train.shard_optimizer=none, or use train.engine=native")
     if t.deepspeed_config is not None and t.engine != "deepspeed":
         raise ConfigError(f"train.deepspeed_config={t.deepspeed_config!r} is set but train.engine={t.engine!r}; "
                           "set train.engine=deepspeed or drop deepspeed_config")

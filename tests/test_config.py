@@ -288,7 +288,7 @@ def test_dim_not_divisible_by_heads() -> None:
 
 
 def test_odd_head_dim() -> None:
-    _bad(r"model\.dim/model\.n_heads=3 must be even for rotary embeddings", model={"dim": 12, "n_heads": 4})
+    _bad(r"the head size 3 \(model\.head_dim, or model\.dim / model\.n_heads\) must be even for rotary embeddings", model={"dim": 12, "n_heads": 4})
 
 
 @pytest.mark.parametrize("kv", [3, 0, -2])

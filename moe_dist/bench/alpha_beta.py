@@ -141,7 +141,7 @@ def tp_collectives(cfg: Config, dims: ParallelDims) -> TpCollectives:
     # Activation checkpointing (torch's non-reentrant checkpoint, which stops recomputing once the last
     # tensor saved for backward is back): attention's wo all-reduce and the load-balancing counts rerun; the
     # block's last collective (dense w_out all-reduce, MoE gather_rows) feeds only the residual add and does not.
-    re_ar = (m.n_layers + counts_ar) if t.activation_checkpointing else 0
+    re_ar = (m.n_layers + counts_ar) if t.recompute == "block" else 0
     micro = t.grad_accum_steps
     ar_calls = micro * (fwd_ar + counts_ar + re_ar + bwd_ar)
     ar_bytes = micro * ((fwd_ar + bwd_ar + (m.n_layers if re_ar else 0)) * act

@@ -173,7 +173,7 @@ class MoEGPT(nn.Module):
         x = self.embed(idx_BS)
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         stats: list[MoEStats] = []
-        recompute = self.cfg.train.activation_checkpointing and self.training and torch.is_grad_enabled()
+        recompute = self.cfg.train.recompute == "block" and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
                 # Keep only the block's input; backward reruns its forward (same RNG state, and the MoE layer's

@@ -30,8 +30,9 @@ from moe_dist.parallel.topology import Group, Topology
 @dataclass(frozen=True)
 class CollectiveCall:
     """One collective as `observe_collectives` reports it. `nbytes` is the full-size tensor: the input of an
-    all-reduce, broadcast or all-to-all (what this rank sends), the gathered output of an all-gather."""
-    op: str                      # "all_to_all", "all_reduce", "all_gather", "broadcast", "barrier"
+    all-reduce, reduce-scatter, broadcast or all-to-all (what this rank sends), the gathered output of an
+    all-gather."""
+    op: str                      # "all_to_all", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier"
     group: Group
     nbytes: int
     seconds: float               # wall time inside the call (gloo blocks: includes waiting for the peers)
@@ -187,6 +188,29 @@ def all_reduce_(x: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Te
     if group.handle is not None:
         _issue("all_reduce", group, _nbytes(x), lambda: dist.all_reduce(x, op=op, group=group.handle))
     return x
+
+
+def reduce_scatter_tensor_(out: torch.Tensor, x: torch.Tensor, group: Group,
+                           op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """`out` = this member's equal block (along dim 0) of the sum of every member's `x`, outside autograd
+    (a sharded optimizer's gradient reduction). On a group of one `out` is a copy of `x`."""
+    if group.handle is None:
+        return out.copy_(x)
+    x = x.contiguous()
+    _issue("reduce_scatter", group, _nbytes(x),
+           lambda: dist.reduce_scatter_tensor(out, x, op=op, group=group.handle))
+    return out
+
+
+def all_gather_into_tensor_(out: torch.Tensor, x: torch.Tensor, group: Group) -> torch.Tensor:
+    """`out` = every member's `x` concatenated along dim 0 in rank order, outside autograd (a sharded
+    optimizer's updated weights). On a group of one `out` is a copy of `x`."""
+    if group.handle is None:
+        return out.copy_(x)
+    x = x.contiguous()
+    _issue("all_gather", group, _nbytes(out),
+           lambda: dist.all_gather_into_tensor(out, x, group=group.handle))
+    return out
 
 
 def exchange_counts(send: torch.Tensor, group: Group) -> torch.Tensor:

@@ -112,6 +112,14 @@ def prepare(sources: Sequence[str | Path] | None, out: str | Path,
     return meta
 
 
+def check_data(cfg) -> None:
+    """Before any model or process group: the token file exists and each split it is cut into holds at least
+    one window of train.seq_len + 1 tokens (a ValueError naming the file and the fix otherwise)."""
+    TokenDataset(cfg.data.path, cfg.train.seq_len, "train", cfg.data.val_fraction)
+    if cfg.data.val_fraction > 0:
+        TokenDataset(cfg.data.path, cfg.train.seq_len, "val", cfg.data.val_fraction)
+
+
 class TokenDataset:
     """A read-only memory map of a token file, split into a train head and a val tail."""
 

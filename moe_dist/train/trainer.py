@@ -29,7 +29,8 @@ from moe_dist.parallel.grads import clip_gradients, reduce_gradients
 from moe_dist.parallel.layout import check_layout
 from moe_dist.parallel.topology import Topology
 from moe_dist.train import checkpoint as ckpt
-from moe_dist.train.data import Batcher, TokenDataset
+from moe_dist.train import preflight, run_lock
+from moe_dist.train.data import Batcher, TokenDataset, check_data
 from moe_dist.train.metrics import MetricsLogger
 
 
@@ -106,6 +107,11 @@ class Trainer:
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
         check_layout(cfg, topo.dims)
+        # Paths and data before the model: a wrong folder or a token file too small fails now, not at the
+        # first save or the final evaluation.
+        preflight.check_outputs(cfg)
+        if batcher is None:
+            check_data(cfg)
         # Seeds: weights come from (train.seed, name) whatever the layout (MoEGPT.reset_parameters); the global
         # RNG (router jitter) differs per rank like per micro-batch, and is saved per rank in checkpoints.
         torch.manual_seed(cfg.train.seed + topo.rank)
@@ -300,7 +306,13 @@ class Trainer:
     def fit(self, steps: Optional[int] = None, progress: bool = True,
             on_step: Optional[Callable[[StepResult], None]] = None) -> History:
         """Train until `steps` optimizer steps are done (default train.steps), resuming first per
-        checkpoint.resume; saves every checkpoint.every steps, at the end, and on SIGTERM."""
+        checkpoint.resume; saves every checkpoint.every steps, at the end, and on SIGTERM. Rank 0 holds the
+        output folder's lock throughout: a second run into the same folder is refused, naming this one."""
+        with run_lock.hold(Path(self.cfg.train.out_dir), enabled=self.is_logger):
+            return self._fit(steps, progress, on_step)
+
+    def _fit(self, steps: Optional[int], progress: bool,
+             on_step: Optional[Callable[[StepResult], None]]) -> History:
         steps = steps or self.cfg.train.steps
         t, c = self.cfg.train, self.cfg.checkpoint
         start = self.resume()

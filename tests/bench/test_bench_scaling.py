@@ -153,7 +153,7 @@ def test_gpu_tp_term_is_ring_collectives_of_the_counted_bytes():
         moe=dataclasses.replace(cfg.moe, num_experts=4, aux_loss_coef=0.01, aux_loss_type="global",
                                 balance_over="micro_batch", num_shared_experts=0),
         train=dataclasses.replace(cfg.train, batch_size=2, seq_len=512, dtype="bfloat16", grad_accum_steps=1,
-                                  activation_checkpointing=False),
+                                  recompute="none"),
         parallel=dataclasses.replace(cfg.parallel, tp=2, ep=1, etp=1))
     dims = check_layout(cfg, 2)
     act = 2 * 512 * 1024 * 2                             # [T, D] bf16 = 2 MiB
@@ -172,7 +172,7 @@ def test_gpu_tp_term_is_ring_collectives_of_the_counted_bytes():
     # No tp, no term; recompute repeats wo's all-reduce (2 layers) and the counts; tp across nodes takes the NIC.
     assert ab.tp_collectives(cfg, ParallelDims(world=1)) == ab.TpCollectives()
     rc = ab.tp_collectives(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                                              activation_checkpointing=True)), dims)
+                                                                              recompute="block")), dims)
     assert rc.all_reduce_calls == tc.all_reduce_calls + 2 + 1 and rc.all_gather_calls == 2
     assert rc.all_reduce_bytes == tc.all_reduce_bytes + 2 * act + 8 * 5
     slow = ab.Network(gpus_per_node=1)
@@ -205,7 +205,7 @@ def test_counted_tp_collectives_equal_the_measured_ones_on_two_ranks(tmp_path, r
            "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 16, "num_shared_experts": 1,
                    "aux_loss_coef": 0.01, "z_loss_coef": 0.001},
            "parallel": {"tp": 2},
-           "train": {"seq_len": 16, "batch_size": 2, "grad_accum_steps": 2, "activation_checkpointing": recompute,
+           "train": {"seq_len": 16, "batch_size": 2, "grad_accum_steps": 2, "recompute": "block" if recompute else "none",
                      "warmup_steps": 0, "out_dir": str(tmp_path / "run")},
            "data": {"path": str(tokens)}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))

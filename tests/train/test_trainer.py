@@ -48,7 +48,7 @@ def test_activation_checkpointing_gives_the_same_gradients(moe):
     x, y = tokens(2)
     grads = []
     for ckpt in (False, True):
-        cfg = make_cfg(tiny(**moe), activation_checkpointing=ckpt)
+        cfg = make_cfg(tiny(**moe), recompute="block" if ckpt else "none")
         torch.manual_seed(5)
         model = MoEGPT(cfg)
         out = model(x, y)
