@@ -3,24 +3,25 @@ or at the end of training: the output folder and the checkpoint folder must be f
 """
 from __future__ import annotations
 
-import uuid
+import os
 from pathlib import Path
 
 from moe_dist.config import Config, ConfigError
 
 
 def _check_writable_dir(path: Path, field: str) -> None:
+    """`path` is a folder this process can write into, or could be created as one; nothing is created."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{field}={str(path)!r} is an existing file, not a folder; point {field} at a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        reason = e.strerror or str(e)
-        raise ConfigError(f"{field}={str(path)!r} is not a writable folder ({reason}); choose another path or fix "
-                          "its permissions") from None
+    existing = path
+    while not existing.exists():                 # the nearest ancestor that exists decides
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{field}={str(path)!r} cannot be created: {str(existing)!r} is a file; point {field} "
+                          "at a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}={str(path)!r} is not writable ({str(existing)!r} denies this user); choose "
+                          "another path or fix its permissions")
 
 
 def check_outputs(cfg: Config) -> None:
