@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 from moe_dist.config import Config, ModelConfig
 from moe_dist.moe.layer import MoELayer, MoEStats
 from moe_dist.parallel.tensor_parallel import (ColumnParallelLinear, ParallelMLP, RowParallelLinear, Shard,
-                                               global_shape, local_slice)
+                                               ShardedRMSNorm, global_shape, local_slice, rms_norm_over_group)
 from moe_dist.parallel.topology import Group, Topology
 
 
@@ -38,26 +38,64 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tens
     return out.type_as(x_BHSDh)
 
 
+def head_dim(cfg: ModelConfig) -> int:
+    """The per-head size: model.head_dim, or dim // n_heads when it is null."""
+    return cfg.head_dim or cfg.dim // cfg.n_heads
+
+
 class Attention(nn.Module):
-    """Heads split over tp: q and [k | v] are column parallel, the output projection row parallel."""
+    """Heads split over tp: q and [k | v] are column parallel, the output projection row parallel.
+
+    Parameters (names are stable: checkpoints and the Hugging Face mapping use them):
+        wq.weight   [H·Dh, D]        wq.bias   [H·Dh]     (model.qkv_bias)
+        wkv.weight  [2·Hkv·Dh, D]    wkv.bias  [2·Hkv·Dh] (model.qkv_bias); rows are [k | v], split per block
+        wo.weight   [D, H·Dh]
+        q_norm.weight, k_norm.weight (model.qk_norm): [Dh] each for `per_head` (one norm shared by the heads,
+            applied to each head: Qwen3-MoE), [H·Dh] and [Hkv·Dh] for `full` (over the whole projection before
+            the head split: OLMoE). Both run before rotary, as in those models.
+    Under tp the per-head norms are replicated and see only this rank's heads (their gradients are partial:
+    `MoEGPT.tp_partial_parameters`); the full norms are split with their projection's rows and add their
+    sums of squares over tp (`rms_norm_over_group`).
+    """
 
     def __init__(self, cfg: ModelConfig, tp: Group):
         super().__init__()
         n_kv = cfg.n_kv_heads or cfg.n_heads      # both divide by tp: judged by check_layout
+        self.tp = tp
         self.n_heads, self.n_kv = cfg.n_heads // tp.size, n_kv // tp.size
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * self.head_dim, tp)
-        self.wkv = ColumnParallelLinear(cfg.dim, 2 * n_kv * self.head_dim, tp, chunks=2)
-        self.wo = RowParallelLinear(cfg.n_heads * self.head_dim, cfg.dim, tp)
+        self.head_dim = Dh = head_dim(cfg)
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * Dh, tp, bias=cfg.qkv_bias)
+        self.wkv = ColumnParallelLinear(cfg.dim, 2 * n_kv * Dh, tp, chunks=2, bias=cfg.qkv_bias)
+        self.wo = RowParallelLinear(cfg.n_heads * Dh, cfg.dim, tp)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "per_head":
+            self.q_norm = nn.RMSNorm(Dh, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(Dh, eps=cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = ShardedRMSNorm(cfg.n_heads * Dh, tp, cfg.norm_eps)
+            self.k_norm = ShardedRMSNorm(n_kv * Dh, tp, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k, v = self.wkv(x_BSD).view(B, S, 2, self.n_kv, self.head_dim).unbind(2)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        q = self.wq(x_BSD)
+        k, v = self.wkv(x_BSD).view(B, S, 2, self.n_kv * self.head_dim).unbind(2)
+        if self.qk_norm == "full":
+            q, k = rms_norm_over_group([(self.q_norm, q), (self.k_norm, k)], self.tp)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.reshape(B, S, self.n_kv, self.head_dim)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.reshape(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+    def tp_partial_parameters(self) -> list[nn.Parameter]:
+        """Replicated over tp but fed by this rank's heads only: the per-head q/k norms."""
+        return list(self.q_norm.parameters()) + list(self.k_norm.parameters()) if self.qk_norm == "per_head" else []
 
 
 class Block(nn.Module):
@@ -109,7 +147,7 @@ class MoEGPT(nn.Module):
         self.head = nn.Linear(m.dim, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos, sin = rotary_tables(m.max_seq_len, m.dim // m.n_heads, m.rope_theta)
+        cos, sin = rotary_tables(m.max_seq_len, head_dim(m), m.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -128,7 +166,8 @@ class MoEGPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Each matrix is drawn whole from a generator seeded by (train.seed, its name), then sliced to this
-        rank's shard: the weights are the same whatever the layout, and no global RNG is consumed."""
+        rank's shard: the weights are the same whatever the layout, and no global RNG is consumed. Vectors
+        are biases (zero) or norm weights (one)."""
         if self.embed.weight.is_meta:
             return
         std = self.cfg.model.init_std
@@ -137,6 +176,7 @@ class MoEGPT(nn.Module):
         shards = self.param_shards
         for name, p in self.named_parameters():
             if p.dim() < 2:
+                p.fill_(0.0 if name.endswith(".bias") else 1.0)
                 continue
             scaled = name.endswith(("wo.weight", "w_out.weight", "w_out_EFD"))
             gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -146,12 +186,14 @@ class MoEGPT(nn.Module):
             p.copy_(local_slice(full, spec, self.topo))
 
     def tp_partial_parameters(self) -> list[nn.Parameter]:
-        """Replicated over tp but fed by only this rank's token slice (router, shared experts): their
-        gradients are summed over tp before the data-parallel reduction."""
+        """Replicated over tp but fed by only this rank's token slice (router, shared experts and their gate)
+        or only this rank's heads (per-head q/k norms): their gradients are summed over tp before the
+        data-parallel reduction."""
         if self.topo.tp.size == 1:
             return []
-        return [p for layer in self.moe_layers for m in (layer.router, layer.shared) if m is not None
-                for p in m.parameters()]
+        moe = [p for layer in self.moe_layers for m in (layer.router, layer.shared, layer.shared_gate)
+               if m is not None for p in m.parameters()]
+        return [p for b in self.blocks for p in b.attn.tp_partial_parameters()] + moe
 
     @property
     def moe_layers(self) -> list[MoELayer]:

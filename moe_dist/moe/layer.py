@@ -85,6 +85,12 @@ class MoELayer(nn.Module):
         # Shared experts run on this rank's token slice, unsplit (a group of one).
         self.shared = (ParallelMLP(dim, shared_hidden, cfg.activation, Topology.single().tp)
                        if cfg.num_shared_experts else None)
+        if cfg.shared_expert_gate and self.shared is None:
+            raise ValueError("moe.shared_expert_gate=True gates the shared experts, but moe.num_shared_experts=0; "
+                             "add shared experts or set shared_expert_gate false")
+        # Qwen2-MoE's gate: `shared_gate.weight` [1, D], no bias; the shared output is scaled per token by
+        # sigmoid(x · w). Replicated over tp and fed by this rank's token slice, like the router.
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         # Statistics of the load-balancing loss: over the dp rank's micro-batch (its tp ranks hold slices
         # of it) or over the whole global batch (every rank).
         self.stats_group = topo.world if cfg.balance_over == "global_batch" else topo.tp
@@ -162,8 +168,14 @@ class MoELayer(nn.Module):
         return self.dispatcher.combine(y_ND, meta)
 
     def shared_experts(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
-        """y_TD plus the shared experts' output on x_TD (y_TD itself when the layer has none)."""
-        return y_TD if self.shared is None else y_TD + self.shared(x_TD)
+        """y_TD plus the shared experts' output on x_TD (y_TD itself when the layer has none), scaled per
+        token by sigmoid(x_TD · w_gate) when the layer has a shared-expert gate."""
+        if self.shared is None:
+            return y_TD
+        shared_TD = self.shared(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return y_TD + shared_TD
 
     def stats(self, routing: Routing, cap: CapacityResult, meta: DispatchMeta | AllToAllMeta) -> MoEStats:
         rows_out = rows_in = 0

@@ -47,18 +47,23 @@ def global_shape(local: torch.Size, shards: tuple[Shard, ...], topo: Topology) -
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x·Wᵀ with W's output rows split over tp: each rank computes its block of output features."""
+    """y = x·Wᵀ (+ b) with W's output rows split over tp: each rank computes its block of output features.
+    The bias, when asked for, is split with its rows (`bias`, same shards as `weight`)."""
 
-    def __init__(self, in_features: int, out_features: int, tp: Group, chunks: int = 1):
+    def __init__(self, in_features: int, out_features: int, tp: Group, chunks: int = 1, bias: bool = False):
         super().__init__()
         if out_features % (tp.size * chunks):
             raise ValueError(f"{out_features} output features do not split over tp={tp.size} ({chunks} blocks)")
         self.tp = tp
         self.weight = nn.Parameter(torch.empty(out_features // tp.size, in_features))
-        self.param_shards = {"weight": (Shard(0, "tp", chunks),)} if tp.size > 1 else {}
+        self.bias = nn.Parameter(torch.zeros(out_features // tp.size)) if bias else None
+        self.param_shards = {}
+        if tp.size > 1:
+            self.param_shards = {name: (Shard(0, "tp", chunks),) for name in ("weight", "bias")
+                                 if getattr(self, name) is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_group(x, self.tp), self.weight)
+        return F.linear(copy_to_group(x, self.tp), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -74,6 +79,47 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return reduce_from_group(F.linear(x, self.weight), self.tp)
+
+
+def sum_over_group(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """The sum of every member's `x`, on every member, with the sum's own adjoint in backward (an all-reduce
+    both ways). Unlike `reduce_from_group`, whose backward is the identity because everything downstream of it
+    is replicated, the sum here feeds computations that differ per member (each scales its own shard), so the
+    members' gradients of the sum are partial and must be added too."""
+    return x if group.handle is None else copy_to_group(reduce_from_group(x, group), group)
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over `features` features split into equal contiguous blocks over tp (a column-parallel
+    projection's output): the mean of squares is over all features, so the members' sums of squares are added
+    (`rms_norm_over_group` does that for several norms in one all-reduce). Computed in fp32 and cast back
+    before the weight multiplies, as Hugging Face's RMSNorm does. On a group of one it is a plain RMSNorm."""
+
+    def __init__(self, features: int, tp: Group, eps: float):
+        super().__init__()
+        if features % tp.size:
+            raise ValueError(f"{features} normalised features do not split over tp={tp.size}")
+        self.tp, self.features, self.eps = tp, features, eps
+        self.weight = nn.Parameter(torch.ones(features // tp.size))
+        self.param_shards = {"weight": (Shard(0, "tp"),)} if tp.size > 1 else {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm_over_group([(self, x)], self.tp)[0]
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, eps={self.eps}, tp={self.tp.size}"
+
+
+def rms_norm_over_group(pairs: list[tuple[ShardedRMSNorm, torch.Tensor]], tp: Group) -> list[torch.Tensor]:
+    """Apply each norm to its tensor, with one all-reduce (forward and backward) for all their sums of squares
+    (attention normalises q and k together: one collective per direction instead of two)."""
+    sq = torch.cat([x.float().pow(2).sum(-1, keepdim=True) for _, x in pairs], dim=-1)
+    sq = sum_over_group(sq, tp)
+    out = []
+    for i, (norm, x) in enumerate(pairs):
+        inv = torch.rsqrt(sq[..., i:i + 1] / norm.features + norm.eps)
+        out.append(norm.weight * (x.float() * inv).to(x.dtype))
+    return out
 
 
 class ParallelMLP(nn.Module):
