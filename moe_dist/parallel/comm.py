@@ -12,12 +12,16 @@ Tensor-parallel conventions (Megatron's f / g operators):
 
 Every collective the package issues goes through `_issue` here, so `observe_collectives` sees each one
 (operation, group, bytes, seconds): the benchmarks count and time communication through that hook instead
-of patching `torch.distributed`.
+of patching `torch.distributed`. `_issue` also keeps this process's progress (collectives started per group,
+the one in flight, and the `where` labels: step, MoE layer, forward/backward) that the watchdog
+(moe_dist.parallel.watchdog) publishes, and, under `debug_sync`, makes every all-to-all first compare a small
+digest across its group so that a desync stops with a message instead of a hang.
 """
 from __future__ import annotations
 
 import contextlib
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -54,6 +58,70 @@ def observe_collectives(callback: Callable[[CollectiveCall], None]) -> Iterator[
         _OBSERVERS.remove(callback)
 
 
+class DesyncError(RuntimeError):
+    """Ranks of one group reached an all-to-all at different places or with split sizes that disagree."""
+
+
+@dataclass
+class InFlight:
+    """The collective this process is inside: the watchdog reports it when it makes no progress."""
+    op: str
+    group: tuple[int, ...]       # the group's global ranks
+    seq: int                     # 1 for the group's first collective in this process, 2 for the next, ...
+    started: float               # time.time() at entry
+    where: dict[str, Any]        # the `where` labels at entry (step, layer, phase)
+
+
+class _Progress:
+    """What this process has done so far. Module state for the same reason as _OBSERVERS; one dict increment
+    and two assignments per collective."""
+
+    def __init__(self) -> None:
+        self.started: dict[tuple[int, ...], int] = {}
+        self.current: InFlight | None = None
+        self.where: dict[str, Any] = {}
+        self.debug_sync = False
+
+
+_PROGRESS = _Progress()
+
+
+def progress() -> tuple[dict[tuple[int, ...], int], InFlight | None, dict[str, Any]]:
+    """A copy of (collectives started per group, the one in flight, the current labels), for the watchdog's
+    thread."""
+    for _ in range(10):
+        try:
+            return dict(_PROGRESS.started), _PROGRESS.current, dict(_PROGRESS.where)
+        except RuntimeError:       # the main thread added a group while we copied: copy again
+            continue
+    return {}, _PROGRESS.current, {}
+
+
+@contextlib.contextmanager
+def where(**labels: Any) -> Iterator[None]:
+    """Label the collectives issued inside the block (e.g. step=5, layer="blocks.1.mlp"); nested blocks add
+    to and then restore the outer labels. The autograd collectives carry their forward labels into backward."""
+    before = dict(_PROGRESS.where)
+    _PROGRESS.where = {**before, **labels}
+    try:
+        yield
+    finally:
+        _PROGRESS.where = before
+
+
+@contextlib.contextmanager
+def debug_sync(enabled: bool = True) -> Iterator[None]:
+    """Inside the block every all-to-all first all-gathers (step, layer, split sizes) over its group and raises
+    `DesyncError` on every member at the first disagreement, naming the ranks and the layer: one small extra
+    collective per all-to-all, for finding the desyncs that otherwise hang until the timeout."""
+    before = _PROGRESS.debug_sync
+    _PROGRESS.debug_sync = enabled
+    try:
+        yield
+    finally:
+        _PROGRESS.debug_sync = before
+
+
 def _nbytes(t: torch.Tensor | Sequence[torch.Tensor]) -> int:
     if isinstance(t, torch.Tensor):
         return t.numel() * t.element_size()
@@ -61,18 +129,58 @@ def _nbytes(t: torch.Tensor | Sequence[torch.Tensor]) -> int:
 
 
 def _issue(op: str, group: Group, nbytes: int, call: Callable[[], Any]) -> Any:
-    if not _OBSERVERS:
-        return call()
-    t0 = time.perf_counter()
+    seq = _PROGRESS.started[group.ranks] = _PROGRESS.started.get(group.ranks, 0) + 1
+    _PROGRESS.current = InFlight(op, group.ranks, seq, time.time(), _PROGRESS.where)
     try:
-        return call()
+        if not _OBSERVERS:
+            return call()
+        t0 = time.perf_counter()
+        try:
+            return call()
+        finally:
+            record = CollectiveCall(op, group, nbytes, time.perf_counter() - t0)
+            for observer in list(_OBSERVERS):
+                observer(record)
     finally:
-        record = CollectiveCall(op, group, nbytes, time.perf_counter() - t0)
-        for observer in list(_OBSERVERS):
-            observer(record)
+        _PROGRESS.current = None
+
+
+def _describe_where(labels: dict[str, Any]) -> str:
+    parts = [f"step {labels['step']}" if "step" in labels else "",
+             str(labels.get("layer", "")), str(labels.get("phase", ""))]
+    return ", ".join(p for p in parts if p) or "outside any labelled step"
+
+
+def _check_splits(send: Sequence[int], recv: Sequence[int], group: Group) -> None:
+    """debug_sync: compare this all-to-all's place and split sizes across the group (all members raise alike)."""
+    labels = _PROGRESS.where
+    layer = zlib.crc32(str(labels.get("layer", "")).encode()) & 0x7FFFFFFF
+    mine = torch.tensor([int(labels.get("step", -1)), layer, *send, *recv], dtype=torch.int64)
+    table = torch.stack(_all_gather(mine, group))           # [members, 2 + 2·members]
+    n = group.size
+    sends, recvs = table[:, 2:2 + n], table[:, 2 + n:]
+    problems = []
+    if not (table[:, :2] == table[0, :2]).all():
+        problems.append("the members are at different places")
+    for i in range(n):
+        for j in range(n):
+            if sends[i, j] != recvs[j, i]:
+                problems.append(f"rank {group.ranks[i]} sends {int(sends[i, j])} rows to rank {group.ranks[j]}, "
+                                f"which expects {int(recvs[j, i])}")
+    if not problems:
+        return
+    places = [None] * n
+    dist.all_gather_object(places, _describe_where(labels), group=group.handle)
+    at = "; ".join(f"rank {r}: {p}" for r, p in zip(group.ranks, places))
+    raise DesyncError(f"all-to-all desync in the group of ranks {list(group.ranks)} ({at}): " + "; ".join(problems[:4])
+                      + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+                      + ". The ranks disagree on routing or on the step; this would otherwise hang until "
+                        "parallel.timeout_s")
 
 
 def _a2a(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group: Group) -> torch.Tensor:
+    if _PROGRESS.debug_sync:
+        _check_splits(send, recv, group)
     out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
     x = x.contiguous()
     _issue("all_to_all", group, _nbytes(x),
@@ -81,15 +189,21 @@ def _a2a(x: torch.Tensor, send: Sequence[int], recv: Sequence[int], group: Group
     return out
 
 
+def _backward_where(ctx):
+    """The forward's labels, marked as backward (autograd runs backward outside the forward's `where`)."""
+    return where(**{**ctx.where, "phase": "backward"})
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, send, recv, group):
-        ctx.send, ctx.recv, ctx.group = send, recv, group
+        ctx.send, ctx.recv, ctx.group, ctx.where = send, recv, group, _PROGRESS.where
         return _a2a(x, send, recv, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _a2a(g, ctx.recv, ctx.send, ctx.group), None, None, None
+        with _backward_where(ctx):
+            return _a2a(g, ctx.recv, ctx.send, ctx.group), None, None, None
 
 
 def all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group: Group) -> torch.Tensor:
@@ -108,12 +222,13 @@ def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
 class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        ctx.group = group
+        ctx.group, ctx.where = group, _PROGRESS.where
         return x
 
     @staticmethod
     def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
+        with _backward_where(ctx):
+            return _all_reduce(g, ctx.group), None
 
 
 class _ReduceFromGroup(torch.autograd.Function):
@@ -150,12 +265,13 @@ def _gather_rows(x: torch.Tensor, group: Group) -> torch.Tensor:
 class _SplitRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        ctx.group = group
+        ctx.group, ctx.where = group, _PROGRESS.where
         return x.chunk(group.size, 0)[group.rank].contiguous()
 
     @staticmethod
     def backward(ctx, g):
-        return _gather_rows(g, ctx.group), None
+        with _backward_where(ctx):
+            return _gather_rows(g, ctx.group), None
 
 
 class _GatherRows(torch.autograd.Function):
