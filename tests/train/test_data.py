@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from moe_dist.config import ConfigError
 from moe_dist.train.data import Batcher, TokenDataset, decode, encode, prepare
 
 
@@ -55,8 +56,10 @@ def test_jsonl_missing_text_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_missing_source_raises(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
+    # A ConfigError (exit 2, one line from the CLI), raised before anything is written.
+    with pytest.raises(ConfigError, match=r"nope\.txt does not exist"):
         prepare([tmp_path / "nope.txt"], tmp_path / "o.bin")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_prepare_stdlib_default(tmp_path: Path) -> None:
