@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_dist import cli, config
-from moe_dist.models.gpt import MoEGPT
+from moe_dist.models.gpt import MoEGPT, is_moe_layer
 from moe_dist.parallel.topology import ParallelDims, Topology
 from moe_dist.plan import alltoall_rows_per_layer, make_plan, param_counts, to_json
 
@@ -141,17 +141,53 @@ def test_capacity_limits_rows() -> None:
 def test_memory_by_hand_tiny() -> None:
     plan = make_plan(config.load(TINY), 1)
     n = plan.params_rank.total
+    # fp32 weights: 4 B weights, 4 B .grad tensors, 8 B AdamW moments and no master copy (the weights are it).
     assert (plan.memory.weights, plan.memory.grads, plan.memory.optimizer) == (4 * n, 4 * n, 8 * n)
     # Per block 2·T·D + T·Dh·(2H + 2Hkv) = 262,144 + 524,288; per MoE layer R·D·(2 + 2) + R·3F with R = 2048
     # = 1,048,576 + 1,572,864; head 2·T·D + T·V = 524,288 elements; ×4 B, plus fp32 router logits/probs
     # 4·T·E·2·4 B and fp32 logits T·V·4 B.
     elements = 4 * (262_144 + 524_288) + 4 * (1_048_576 + 1_572_864) + 524_288
     assert plan.memory.activations == elements * 4 + 4 * 1024 * 8 * 2 * 4 + 1024 * 256 * 4
-    # bf16: weights and gradients 2 B, optimizer 12 B (two fp32 moments and the fp32 master copy).
+    # bf16 on a GPU: bf16 weights (half), fp32 gradient buffers, optimizer 12 B (two moments + fp32 master).
     bf = make_plan(config.load(TINY, ["--train.dtype=bfloat16"]), 1).memory
-    assert (bf.weights, bf.grads, bf.optimizer) == (2 * n, 2 * n, 12 * n)
+    assert (bf.weights, bf.grads, bf.optimizer) == (2 * n, 4 * n, 12 * n)
+    assert bf.weights * 2 == plan.memory.weights
     # Sharding attention and experts lowers what each rank keeps.
     assert make_plan(_cfg("tiny-cpu", 2, 2, 2), 8).memory.activations < plan.memory.activations
+
+
+def test_memory_terms_are_stated(capsys) -> None:
+    assert cli.main(["plan", MIXTRAL, "--world", "64", "--train.shard_optimizer=states"]) == 0
+    out = capsys.readouterr().out
+    assert "train.shard_optimizer=states over dp=64 (dense) and edp=8 (experts); train.recompute=none" in out
+    assert "2 B × (P_d 1,605,636,096 + P_e 5,637,144,576) bf16" in out
+    assert "8 B × (P_d/64 + P_e/8) AdamW moments + 4 B × (P_d/64 + P_e/8) fp32 master weights" in out
+    assert "4 B × (P_d + P_e) fp32 accumulation buffers" in out
+
+
+def test_model_features_in_param_counts() -> None:
+    # tiny-cpu: D = 128, H = 4, 4 layers, all MoE. head_dim 48 (not D/H = 32): wq [128, 192], wkv [128, 384],
+    # wo [192, 128] per block instead of 4·128·128.
+    base = param_counts(config.load(TINY), ParallelDims(world=1))
+    hd = param_counts(config.load(TINY, ["--model.head_dim=48"]), ParallelDims(world=1))
+    assert hd.dense - base.dense == 4 * (128 * (192 + 384) + 192 * 128 - 4 * 128 * 128)
+    # q, k, v biases: H·Dh + 2·Hkv·Dh = 384 per block; split over tp with their columns.
+    bias = param_counts(config.load(TINY, ["--model.qkv_bias=true"]), ParallelDims(world=1))
+    assert bias.dense - base.dense == 4 * 384
+    tp2 = ParallelDims(world=2, tp=2)
+    assert (param_counts(config.load(TINY, ["--model.qkv_bias=true"]), tp2).dense
+            - param_counts(config.load(TINY), tp2).dense) == 4 * 192
+    # qk_norm per_head: a q and a k weight of Dh each per block; full: H·Dh + Hkv·Dh per block.
+    per_head = param_counts(config.load(TINY, ["--model.qk_norm=per_head"]), ParallelDims(world=1))
+    full = param_counts(config.load(TINY, ["--model.qk_norm=full"]), ParallelDims(world=1))
+    assert (per_head.dense - base.dense, full.dense - base.dense) == (4 * 2 * 32, 4 * (128 + 128))
+    # The shared-expert gate: one [D] vector per MoE layer (deepseek-tiny has shared experts).
+    ds = config.load(CONFIGS / "deepseek-tiny.yaml")
+    gate = config.load(CONFIGS / "deepseek-tiny.yaml", ["--moe.shared_expert_gate=true"])
+    n_moe = sum(is_moe_layer(ds.model, i) for i in range(ds.model.n_layers))
+    one = ParallelDims(world=1)
+    assert param_counts(gate, one).dense - param_counts(ds, one).dense == n_moe * ds.model.dim
+    assert param_counts(gate, one).expert == param_counts(ds, one).expert
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -170,7 +206,12 @@ def test_cli_text(capsys) -> None:
 def test_cli_json(capsys) -> None:
     assert cli.main(["plan", MIXTRAL, "--world", "64", "--parallel.tp=8", "--json"]) == 0
     j = json.loads(capsys.readouterr().out)
-    assert list(j) == ["layout", "groups", "ranks", "params", "memory_bytes", "alltoall"]
+    assert list(j) == ["layout", "train", "groups", "ranks", "params", "memory_bytes", "memory_terms",
+                       "activations_bytes", "alltoall"]
+    assert j["train"] == {"weight_bytes": 2, "shard_optimizer": "none", "recompute": "none", "batch_size": 1,
+                          "seq_len": 4096, "grad_accum_steps": 1}
+    assert set(j["memory_terms"]) == {"weights", "grads", "optimizer", "activations"}
+    assert sum(j["activations_bytes"].values()) == j["memory_bytes"]["activations"]
     assert j["layout"] == {"world": 64, "tp": 8, "dp": 8, "ep": 8, "etp": 1, "edp": 8, "dtype": "bfloat16"}
     assert list(j["groups"]) == ["tp", "dp", "etp", "ep", "edp", "expert_mp"]
     assert j["ranks"][9] == {"rank": 9, "tp": 1, "dp": 1, "etp": 0, "ep": 1, "edp": 1, "experts": [1, 1]}
