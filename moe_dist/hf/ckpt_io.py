@@ -1,0 +1,134 @@
+"""moe_dist checkpoints on the Hugging Face side: write a model as a step-0 checkpoint of the normal format, read
+a checkpoint's weights back, and the record of where an imported model came from.
+
+An imported (or upcycled) model is written as the trainer writes its own checkpoints (through the same
+`checkpoint.save`): every parameter as a global tensor, experts under their global index, AdamW moments of zero
+and step 0 (the state AdamW starts from anyway), so `moe-dist train` resumes from it on any layout with no
+special case. The record `hf_source.json` beside the step folders keeps the family and the original
+config.json (token ids, ...) for export; the store's pruning leaves it alone. Tokenizer files are copied into
+`hf_files/` and written back by export.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from moe_dist.config import Config, ConfigError, to_dict
+from moe_dist.models.gpt import MoEGPT
+from moe_dist.parallel.topology import Topology
+
+RECORD = "hf_source.json"
+FILES_DIR = "hf_files"
+# Small files of a model folder that belong with the weights (tokenizer, chat template, generation defaults).
+CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+           "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
+
+
+def default_config_path(root: Path) -> Path:
+    """The YAML written beside a checkpoint folder: runs/x/ckpt -> runs/x/ckpt.yaml."""
+    root = Path(root)
+    return root.with_name(root.name + ".yaml")
+
+
+def refuse_used_root(root: Path) -> None:
+    from moe_dist.train.checkpoint import LATEST_NAME, complete_checkpoints
+    if (root / LATEST_NAME).exists() or complete_checkpoints(root):
+        raise ConfigError(f"--out {root} already holds checkpoints; choose a new folder (an import never mixes "
+                          "with another run's checkpoints)")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def config_yaml(cfg: Config, header: str) -> str:
+    return "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def write_step0(model: MoEGPT, cfg: Config, root: Path, record: dict[str, Any],
+                carried_from: Optional[Path] = None) -> Path:
+    """Publish `model` as the step-0 checkpoint under `root` (atomic: the store's tmp folder, rename, `latest`),
+    then the record and the carried files. Returns the step folder."""
+    from moe_dist.train import checkpoint as ckpt
+    from moe_dist.train.trainer import build_optimizer
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    optimizer = build_optimizer(model, cfg.train)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        path = ckpt.save(root, 0, model, optimizer, cfg, Topology.single(), keep=cfg.checkpoint.keep,
+                         extra={"hf": {k: record[k] for k in ("family", "source") if k in record}})
+    if carried_from is not None:
+        files = [carried_from / n for n in CARRIED if (carried_from / n).is_file()]
+        if files:
+            tmp = root / f"{FILES_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            for f in files:
+                shutil.copy2(f, tmp / f.name)
+            if (root / FILES_DIR).exists():
+                shutil.rmtree(root / FILES_DIR)
+            os.replace(tmp, root / FILES_DIR)
+    write_atomic(root / RECORD, json.dumps(record, indent=1, default=str) + "\n")
+    return path
+
+
+def read_record(root: Path) -> Optional[dict[str, Any]]:
+    f = Path(root) / RECORD
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f} is not valid JSON ({e.msg}); delete it and pass --family") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def load_weights(root: Path, cfg: Config, step: Optional[int] = None) -> tuple[MoEGPT, Path, int]:
+    """A one-process model holding the weights of the checkpoint `step` (default: the one `latest` names) under
+    `root`; the optimizer state is not read. Returns (model, its folder, its step)."""
+    import torch.distributed.checkpoint as dcp
+    from moe_dist.train import checkpoint as ckpt
+    from moe_dist.train.checkpoint.safe_load import SafeReader
+    from moe_dist.train.checkpoint.shards import ShardLoadPlanner
+    root = Path(root)
+    if step is None:
+        found = ckpt.find(root, fallback=False, say=lambda *_: None)
+        if found is None:
+            raise ConfigError(f"{root} holds no checkpoint (no step_* folder); point at a checkpoint.dir")
+        path, meta = found
+    else:
+        path = root / ckpt.step_dir_name(step)
+        if not path.is_dir():
+            raise ConfigError(f"{root} has no checkpoint of step {step}; there are "
+                              f"{[p.name for p in ckpt.complete_checkpoints(root)]}")
+        meta = ckpt.verify(path)
+    ckpt.check_compatible(meta, cfg, path)
+    model = MoEGPT(cfg)
+    state = {f"model.{n}": p.data for n, p in model.named_parameters()}
+    stored = SafeReader(path).read_metadata().state_dict_metadata
+    missing = sorted(k for k in state if k not in stored)
+    if missing:
+        raise ConfigError(f"checkpoint {path} lacks {missing[0]} (and {len(missing) - 1} more) that the config's "
+                          "model has; pass the config the checkpoint was trained with (--config)")
+    with _quiet(), torch.no_grad():
+        dcp.load(state, storage_reader=SafeReader(path),
+                 planner=ShardLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
+    return model, path, int(meta["step"])
