@@ -1,15 +1,42 @@
-"""The step-time model behind `moe-dist bench scaling`: compute at named throughputs plus an alpha-beta
-(latency + bytes/bandwidth) model of the collectives, with intra-node and inter-node links as named inputs.
+"""The step-time model behind `moe-dist bench scaling` and `moe-dist plan --fit`: compute at named throughputs
+plus an alpha-beta (latency + bytes/bandwidth) model of the collectives, with intra-node and inter-node links as
+named inputs. Every term is explicit and every constant is named in `Compute` or `Network` with its source;
+none is fitted to a training throughput the model is compared with.
 
-    step = compute + 4·L_moe·a2a(bytes_sent) + ETP gathers + TP collectives
-           + (DP gradient all-reduce unless overlapped)
+One optimizer step of one rank, m = train.grad_accum_steps micro-batches:
+
+    step = gemm + non_gemm + recompute + all_to_all + tp + dp_exposed + optimizer + bubble
+    gemm        m · (dense GEMM FLOPs / dense_tflops + expert FLOPs / expert_tflops)
+    non_gemm    m · (attention core FLOPs · 1/2 (causal) / attention_tflops
+                     + elementwise bytes · 3 / (hbm_tbps · memory_bound_efficiency))
+                the fused attention kernel runs below GEMM speed; norms, rotary, residual adds, activations,
+                permute/unpermute and the loss are memory-bound (`elementwise_bytes`: each op reads its inputs
+                and writes its output once in forward; backward moves about twice that)
+    recompute   m · the forward that train.recompute runs again inside backward: moe_act the experts'
+                activation (memory-bound); moe the MoE layers (router, shared and routed expert GEMMs, their
+                elementwise work, dispatch and combine all-to-alls, ETP gathers); block every block (all but
+                the head), with its all-to-alls (its TP collectives are in `tp_collectives`)
+    all_to_all  m · 4·L_moe·a2a(bytes_sent) + ETP gathers/scatters
+    tp          `tp_collectives` (already per step: m micro-batches)
+    dp_exposed  the part of the gradient reduction that backward does not hide (`grad_reduction`):
+                shard_optimizer none: all-reduce of the fp32 gradients once per step, overlapped with the
+                last micro-batch's backward; states: reduce-scatter once per step, the same overlap, then an
+                all-gather of the updated w-byte weights after the optimizer step (exposed: nothing runs
+                beside it); states+grads: the reduce-scatter runs in every micro-batch's backward (m times),
+                then the same all-gather. Overlap: exposed = max(0, reduction - backward) + the last
+                bucket's share of the reduction (backward has finished when the last bucket is full).
+                overlap_dp=False exposes the whole reduction.
+    optimizer   memory-bound: fp32 accumulation of each micro-batch's gradient when weights are bf16
+                (10 B per element per micro-batch), then clipping and AdamW over the rank's shard (34 B per
+                element with an fp32 master, 32 without)
+    bubble      pipeline parallelism: (pp-1) · one micro-batch's time (1F1B); pp = 1 until `parallel.pp`
+                exists, so 0 today (`pipeline_bubble_seconds`)
     a2a(b)        = alpha_link + max(b_intra / B_intra, b_inter / B_inter)
                     a rank sends b bytes split evenly over its ep-1 peers; the peers on its node take the
                     NVLink share, the others the NIC share, and both go at once (NCCL posts every send);
                     alpha_link is the inter-node latency as soon as one peer is off the node
     all_reduce(b) = 2·(n-1)·alpha + 2·(n-1)/n·b / B   (ring), over the slowest link the group spans
-    all_gather(b) = (n-1)·alpha + (n-1)/n·b / B       (ring; b = the gathered output)
-    compute       = dense FLOPs / dense_tflops + expert FLOPs / expert_tflops
+    all_gather(b) = reduce_scatter(b) = (n-1)·alpha + (n-1)/n·b / B   (ring; b = the full tensor)
 
 TP collectives (`tp_collectives`, counted from the code, not assumed): Megatron f/g operators on the
 [T, D] activations of a dp rank's micro-batch (T = batch_size·seq_len), per block, forward + backward:
@@ -22,14 +49,16 @@ last tensor saved for backward, before the block's final collective); all of it 
 the tp-partial gradients (router, shared experts, fp32) and the gradient norm's tp part (one fp32).
 They are on the critical path (no overlap modelled), over the tp group's link (NVLink while tp ≤ a node).
 
-FLOPs per rank and step (training = 3x forward; each matmul row costs 2 FLOPs per weight):
-    dense   6·T·(dense weights used per token, over tp) + 12·L·T·S·D/tp  (attention scores and values,
-            counted in full like Megatron's MFU formula; the input embedding is a lookup, not a matmul)
-    experts 6·R·D·w(F)/etp·etp per MoE layer, R = rows the rank's experts run (`plan.alltoall_rows_per_layer`
-            'kept', uniform routing), w(F) = 3F for SwiGLU
+FLOPs per rank and micro-batch (training = 3x forward; each matmul row costs 2 FLOPs per weight):
+    dense     6·T·(dense weights used per token, over tp), the head's 6·T·V·D included (tied or not; the input
+              embedding is a lookup, not a matmul), the router on the Ts tokens the rank routes
+    attention 12·L·T·S·H·Dh/tp  (scores and values, counted in full like Megatron's MFU formula)
+    experts   6·R·D·w(F)/etp·etp per MoE layer, R = rows the rank's experts run (`plan.alltoall_rows_per_layer`
+              'kept', uniform routing), w(F) = 3F for SwiGLU
 Bytes come from `moe_dist.plan` (rows per layer under uniform routing), so the model and `moe-dist plan`
-cannot disagree. Not modelled: pipeline bubbles, overlap of all-to-all with compute, kernel efficiency
-below the named throughputs (attention, norms, permute), load imbalance.
+cannot disagree. Not modelled: overlap of all-to-all with compute, load imbalance, contention between the
+gradient reduction and the all-to-all, kernel launch gaps, the first micro-batch's parameter all-gather
+overlap that some engines do (ours runs it after the optimizer step, exposed).
 """
 from __future__ import annotations
 
@@ -39,13 +68,15 @@ from dataclasses import dataclass
 from moe_dist.config import Config
 from moe_dist.models.gpt import is_moe_layer
 from moe_dist.parallel.topology import ParallelDims
-from moe_dist.plan import DTYPE_BYTES, _shared_hidden, _width, alltoall_rows_per_layer, param_counts
+from moe_dist.plan import (DTYPE_BYTES, FP32, _in_width, _shared_hidden, _width, alltoall_rows_per_layer,
+                           bucket_elements, head_dim, param_counts, shard_elements, weight_bytes)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Network:
-    """Per-GPU link figures. Defaults: H100 SXM NVLink 4 (900 GB/s bidirectional = 450 GB/s each way) and one
-    400 Gb/s InfiniBand NIC per GPU (50 GB/s each way); latencies are typical NCCL small-message figures."""
+    """Per-GPU link figures. Defaults: H100 SXM NVLink 4 (900 GB/s bidirectional = 450 GB/s each way, NVIDIA's
+    spec) and one 400 Gb/s InfiniBand NDR NIC per GPU (50 GB/s each way, the DGX H100 layout); latencies are
+    typical NCCL small-message figures."""
     gpus_per_node: int = 8
     intra_gbps: float = 450.0          # GB/s one direction, per GPU
     inter_gbps: float = 50.0           # GB/s one direction, per GPU
@@ -55,10 +86,26 @@ class Network:
 
 @dataclass(frozen=True, kw_only=True)
 class Compute:
-    """Sustained throughputs (TFLOP/s). Defaults: H100 bf16, grouped GEMM at Mixtral shapes ≈ 600 and dense
-    GEMM ≈ 720 (our measurements)."""
+    """Sustained H100 SXM bf16 figures; each is a kernel-level measurement class or a vendor spec, not a fit
+    to any training throughput.
+    dense_tflops       dense GEMM at transformer shapes: cuBLAS sustains ≈ 720 of the 989 TFLOP/s dense peak
+    expert_tflops      grouped GEMM at Mixtral's expert shapes (a few thousand rows per expert) ≈ 600
+    attention_tflops   fused causal attention forward + backward at head dim 128, 4k tokens, on the FLOPs the
+                       kernel executes (FlashAttention-2 class, the kernel behind torch's SDPA flash backend:
+                       ≈ 330 forward, ≈ 290 backward) ≈ 300
+    hbm_tbps           HBM3 bandwidth, 3.35 TB/s (NVIDIA's spec for H100 SXM)
+    memory_bound_efficiency  share of that bandwidth the elementwise kernels reach, 0.7: long streaming copies
+                       reach ≈ 0.9 of peak, but norms, rotary, SwiGLU, permute and the loss are short kernels,
+                       several of them upcast to fp32 or gather rows, so they lose a fifth or more to launch
+                       tails and uncoalesced reads"""
     expert_tflops: float = 600.0
     dense_tflops: float = 720.0
+    attention_tflops: float = 300.0
+    hbm_tbps: float = 3.35
+    memory_bound_efficiency: float = 0.7
+
+    def memory_bound_seconds(self, nbytes: float) -> float:
+        return nbytes / (self.hbm_tbps * 1e12 * self.memory_bound_efficiency)
 
 
 def _span(group_stride: int, size: int, gpus_per_node: int) -> tuple[int, int]:
@@ -85,25 +132,61 @@ def allreduce_seconds(nbytes: float, n: int, stride: int, net: Network) -> float
     return 2 * (n - 1) * lat * 1e-6 + 2 * (n - 1) / n * nbytes / (bw * 1e9)
 
 
+def _n_moe(cfg: Config) -> int:
+    return sum(is_moe_layer(cfg.model, i) for i in range(cfg.model.n_layers))
+
+
 def flops_per_rank(cfg: Config, dims: ParallelDims) -> dict[str, float]:
-    """Training FLOPs one rank does in one step, split dense / experts (see the module docstring)."""
+    """Training FLOPs one rank does in one micro-batch: dense GEMMs (head and router included, `head` and
+    `moe_dense` say how much of it those are), attention core, routed experts (see the module docstring).
+    The three kinds `dense`, `attention`, `experts` add up to the total; the other keys are parts of `dense`."""
     m, e, t = cfg.model, cfg.moe, cfg.train
     T, S = t.batch_size * t.seq_len, t.seq_len
     p = param_counts(cfg, dims)
-    embed = m.vocab_size * m.dim              # the input lookup, replicated; the head (if untied) is a matmul
-    n_moe = sum(is_moe_layer(m, i) for i in range(m.n_layers))
-    dense = 6 * T * (p.dense - embed - n_moe * e.num_experts * m.dim) + 12 * m.n_layers * T * S * m.dim / dims.tp
+    n_moe = _n_moe(cfg)
+    vd = m.vocab_size * m.dim
+    head = 6 * T * vd                         # the output projection (the input embedding is a lookup)
     router = 6 * alltoall_rows_per_layer(cfg, dims)["tokens"] * e.num_experts * m.dim * n_moe
+    shared = 6 * T * m.dim * _width(_shared_hidden(e), e.activation) * n_moe
+    matmul_weights = p.dense - vd * (1 if m.tie_embeddings else 2) - n_moe * e.num_experts * m.dim
+    dense = 6 * T * matmul_weights + head + router
+    attention = 12 * m.n_layers * T * S * m.n_heads * head_dim(m) / dims.tp
     rows = alltoall_rows_per_layer(cfg, dims)["kept"]
     experts = 6 * rows * m.dim * _width(e.expert_hidden, e.activation) * n_moe
-    return {"dense": dense + router, "experts": experts}
+    return {"dense": dense, "attention": attention, "experts": experts, "head": head, "moe_dense": router + shared}
+
+
+def _total_flops(f: dict[str, float]) -> float:
+    return f["dense"] + f["attention"] + f["experts"]
 
 
 def model_flops_per_token(cfg: Config) -> float:
     """Model FLOPs of one token (fwd+bwd) on one process, the numerator of TFLOPS/GPU and MFU figures."""
-    one = ParallelDims(world=1)
-    f = flops_per_rank(cfg, one)
-    return (f["dense"] + f["experts"]) / (cfg.train.batch_size * cfg.train.seq_len)
+    return _total_flops(flops_per_rank(cfg, ParallelDims(world=1))) / (cfg.train.batch_size * cfg.train.seq_len)
+
+
+def elementwise_bytes(cfg: Config, dims: ParallelDims) -> dict[str, float]:
+    """HBM bytes the memory-bound kernels move in one micro-batch's forward on one rank (each op reads its
+    inputs and writes its output once; b bytes per activation element):
+    blocks   per block: two RMSNorms 2·2·T·D, two residual adds 2·3·T·D, rotary on q and k 2·T·(H+Hkv)·Dh/tp
+    dense    per dense-MLP layer: the activation, T·(wi + Fd)/tp
+    moe      per MoE layer: permute (Ts + R)·D, unpermute with the weighted sum (R + Ts)·D, the routed
+             activation R·(wi + F), the shared experts' activation Ts·(wis + Fs) and their add 3·Ts·D
+    head     the final norm 2·T·D, the loss over the logits T·V·(b + 12) (read, fp32 copy, softmax in fp32)"""
+    m, e, t = cfg.model, cfg.moe, cfg.train
+    b = DTYPE_BYTES[t.dtype]
+    T = t.batch_size * t.seq_len
+    rows = alltoall_rows_per_layer(cfg, dims)
+    R, Ts = rows["kept"], rows["tokens"]
+    n_moe = _n_moe(cfg)
+    kv = m.n_kv_heads or m.n_heads
+    blocks = m.n_layers * T * (10 * m.dim + 2 * (m.n_heads + kv) * head_dim(m) / dims.tp) * b
+    dense = (m.n_layers - n_moe) * T * (_in_width(m.dense_hidden, e.activation) + m.dense_hidden) / dims.tp * b
+    fs = _shared_hidden(e)
+    moe = n_moe * b * (2 * (Ts + R) * m.dim + R * (_in_width(e.expert_hidden, e.activation) + e.expert_hidden)
+                       + (Ts * (_in_width(fs, e.activation) + fs) + 3 * Ts * m.dim if fs else 0))
+    head = 2 * T * m.dim * b + T * m.vocab_size * (b + 12)
+    return {"blocks": blocks, "dense": dense, "moe": moe, "head": head}
 
 
 @dataclass(frozen=True)
@@ -149,7 +232,8 @@ def tp_collectives(cfg: Config, dims: ParallelDims) -> TpCollectives:
     ag_calls = micro * 2 * n_moe                                          # gather_rows fwd, split_rows bwd
     ag_bytes = ag_calls * act
     # Once per step: tp-partial grads (router E·D, shared experts) in one flat fp32 buffer, and the norm.
-    partial = n_moe * (e.num_experts * m.dim + m.dim * _width(_shared_hidden(e), e.activation))
+    gate = m.dim if (e.shared_expert_gate and e.num_shared_experts) else 0
+    partial = n_moe * (e.num_experts * m.dim + m.dim * _width(_shared_hidden(e), e.activation) + gate)
     ar_calls += 2
     ar_bytes += 4 * partial + 4
     return TpCollectives(ar_calls, float(ar_bytes), ag_calls, float(ag_bytes))
@@ -175,51 +259,147 @@ def tp_seconds(tc: TpCollectives, tp: int, net: Network) -> float:
     return ar + ag
 
 
+def reduce_scatter_seconds(nbytes: float, n: int, stride: int, net: Network) -> float:
+    """Ring reduce-scatter of an `nbytes` input over n ranks `stride` apart (the same traffic as all-gather)."""
+    return allgather_seconds(nbytes, n, stride, net)
+
+
+def pipeline_bubble_seconds(micro_batch_s: float, pp: int) -> float:
+    """1F1B pipeline: each of the pp-1 warm-up and cool-down slots idles a stage for one micro-batch's forward
+    and backward. 0 for pp = 1."""
+    return (pp - 1) * micro_batch_s
+
+
+@dataclass(frozen=True)
+class GradReduction:
+    """One rank's gradient reduction over dp (dense) and edp (experts) per optimizer step, before overlap."""
+    reduce_s: float        # one reduction (all-reduce, or reduce-scatter when sharded) of all fp32 gradients
+    reductions: int        # how many per step: m for states+grads (every micro-batch), else 1
+    gather_s: float        # all-gather of the updated weights after a sharded optimizer step (0 unsharded)
+    last_bucket_share: float   # the share of one reduction that no backward is left to hide
+
+
+def grad_reduction(cfg: Config, dims: ParallelDims, net: Network) -> GradReduction:
+    """Dense parameters reduce over the dp group (ranks tp apart), experts over edp (ranks ep·etp apart);
+    gradients travel in fp32, gathered weights in their own w bytes."""
+    p, mode = param_counts(cfg, dims), cfg.train.shard_optimizer
+    dp_stride, edp_stride = dims.tp, dims.ep * dims.etp
+    w = weight_bytes(cfg)
+    if mode == "none":
+        reduce = (allreduce_seconds(FP32 * p.dense, dims.dp, dp_stride, net)
+                  + allreduce_seconds(FP32 * p.expert, dims.edp, edp_stride, net))
+        gather = 0.0
+    else:
+        reduce = (reduce_scatter_seconds(FP32 * p.dense, dims.dp, dp_stride, net)
+                  + reduce_scatter_seconds(FP32 * p.expert, dims.edp, edp_stride, net))
+        gather = (allgather_seconds(w * p.dense, dims.dp, dp_stride, net)
+                  + allgather_seconds(w * p.expert, dims.edp, edp_stride, net))
+    reductions = cfg.train.grad_accum_steps if mode == "states+grads" else 1
+    return GradReduction(reduce, reductions, gather, bucket_elements(cfg, dims, p) / p.total)
+
+
+def optimizer_seconds(cfg: Config, dims: ParallelDims, comp: Compute) -> float:
+    """Memory-bound optimizer work of one step: with bf16 weights each micro-batch's gradient is added into the
+    fp32 buffer (read 2 + read 4 + write 4 B per element); then the norm reads the rank's fp32 gradient shard
+    (4 B) and AdamW reads it again (4 B), reads and writes both moments (16 B) and the fp32 master (8 B) and
+    writes the bf16 weight (2 B); with fp32 weights the weight is the master (8 B, no copy)."""
+    p, w = param_counts(cfg, dims), weight_bytes(cfg)
+    accumulate = 10 * p.total * cfg.train.grad_accum_steps if w == 2 else 0
+    step = shard_elements(cfg, dims, p) * (4 + 4 + 16 + 8 + (2 if w == 2 else 0))
+    return comp.memory_bound_seconds(accumulate + step)
+
+
 @dataclass(frozen=True)
 class StepEstimate:
-    compute_s: float
-    alltoall_s: float
-    dp_allreduce_s: float          # exposed part only (0 when overlapped)
+    compute_s: float               # GEMMs at the GEMM throughputs (all micro-batches)
+    alltoall_s: float              # all-to-alls and ETP gathers/scatters (recompute's repeats are in recompute_s)
+    dp_allreduce_s: float          # exposed gradient reduction + weight all-gather (see grad_reduction)
     step_s: float
     tokens_per_s_per_gpu: float
     tflops_per_gpu: float
     alltoall_share: float
     tp_s: float = 0.0              # tensor-parallel activation (and tp-partial gradient) collectives
+    non_gemm_s: float = 0.0        # attention core + memory-bound elementwise kernels
+    recompute_s: float = 0.0       # the forward that train.recompute runs again
+    optimizer_s: float = 0.0       # fp32 gradient accumulation, clipping, AdamW (memory-bound)
+    bubble_s: float = 0.0          # pipeline bubble (0 while pp = 1)
+    dp_total_s: float = 0.0        # the whole gradient reduction and gather, hidden or not
+
+    def terms(self) -> dict[str, float]:
+        """The additive terms of step_s."""
+        return {"gemm": self.compute_s, "non_gemm": self.non_gemm_s, "recompute": self.recompute_s,
+                "all_to_all": self.alltoall_s, "tp": self.tp_s, "dp_exposed": self.dp_allreduce_s,
+                "optimizer": self.optimizer_s, "pipeline_bubble": self.bubble_s}
 
 
 def estimate(cfg: Config, dims: ParallelDims, net: Network = Network(), comp: Compute = Compute(),
              overlap_dp: bool = True) -> StepEstimate:
-    """One training step of `cfg` on the layout `dims` (batch_size is per dp rank)."""
+    """One optimizer step of `cfg` on the layout `dims` (batch_size is per dp rank and micro-batch; the step runs
+    train.grad_accum_steps micro-batches). Terms as in the module docstring."""
     m, t = cfg.model, cfg.train
+    micro = t.grad_accum_steps
     f = flops_per_rank(cfg, dims)
-    compute = f["dense"] / (comp.dense_tflops * 1e12) + f["experts"] / (comp.expert_tflops * 1e12)
+    gemm = f["dense"] / (comp.dense_tflops * 1e12) + f["experts"] / (comp.expert_tflops * 1e12)
+    attention = f["attention"] * 0.5 / (comp.attention_tflops * 1e12)      # causal: the kernel skips half
+    eb = elementwise_bytes(cfg, dims)
+    non_gemm = attention + comp.memory_bound_seconds(3 * sum(eb.values()))
     b = DTYPE_BYTES[t.dtype]
     rows = alltoall_rows_per_layer(cfg, dims)
-    n_moe = sum(is_moe_layer(m, i) for i in range(m.n_layers))
-    a2a = 4 * n_moe * alltoall_seconds(rows["sent"] * m.dim * b, dims.ep, dims.tp, net)
-    # ETP all-gather and reduce-scatter, forward and backward: each moves the `etp_gathered` rows into the rank
-    # over the group's link (adjacent ranks, so NVLink unless etp·tp exceeds a node).
+    n_moe = _n_moe(cfg)
+    one_a2a = alltoall_seconds(rows["sent"] * m.dim * b, dims.ep, dims.tp, net)
+    # ETP all-gather and reduce-scatter: each moves the `etp_gathered` rows into the rank over the group's link
+    # (adjacent ranks, so NVLink unless etp·tp exceeds a node).
     _, off = _span(dims.tp, dims.etp, net.gpus_per_node)
     bw, lat = (net.inter_gbps, net.inter_latency_us) if off else (net.intra_gbps, net.intra_latency_us)
-    etp = 4 * n_moe * (lat * 1e-6 + rows["etp_gathered"] * m.dim * b / (bw * 1e9)) if dims.etp > 1 else 0.0
-    p = param_counts(cfg, dims)
-    # Dense grads over dp, expert grads over edp; ranks of one dp group are tp·… apart (stride tp).
-    dp = allreduce_seconds(p.dense * b, dims.dp, dims.tp, net) + \
-        allreduce_seconds(p.expert * b, dims.edp, dims.tp * dims.ep * dims.etp, net)
-    exposed_dp = 0.0 if overlap_dp else dp
+    one_etp = (lat * 1e-6 + rows["etp_gathered"] * m.dim * b / (bw * 1e9)) if dims.etp > 1 else 0.0
+    a2a = 4 * n_moe * (one_a2a + one_etp)
+    # What train.recompute runs again inside backward: forward is a third of the training FLOPs.
+    moe_fwd = (f["experts"] / 3 / (comp.expert_tflops * 1e12) + f["moe_dense"] / 3 / (comp.dense_tflops * 1e12)
+               + comp.memory_bound_seconds(eb["moe"]) + 2 * n_moe * (one_a2a + one_etp))
+    if t.recompute == "moe_act":
+        e = cfg.moe
+        recompute = comp.memory_bound_seconds(n_moe * rows["kept"] * b
+                                              * (_in_width(e.expert_hidden, e.activation) + e.expert_hidden))
+    elif t.recompute == "moe":
+        recompute = moe_fwd
+    elif t.recompute == "block":
+        recompute = ((f["dense"] - f["head"] - f["moe_dense"]) / 3 / (comp.dense_tflops * 1e12) + attention / 3
+                     + comp.memory_bound_seconds(eb["blocks"] + eb["dense"]) + moe_fwd)
+    else:
+        recompute = 0.0
+    micro_s = gemm + non_gemm + recompute + a2a            # one micro-batch, before the step-level terms
+    red = grad_reduction(cfg, dims, net)
+    total_dp = red.reductions * red.reduce_s + red.gather_s
+    if overlap_dp:
+        # Each reduction runs beside its micro-batch's backward (two thirds of the compute, plus the recompute).
+        window = 2 / 3 * (gemm + non_gemm) + recompute
+        exposed_dp = (red.reductions * (max(0.0, red.reduce_s - window) + red.last_bucket_share * red.reduce_s)
+                      + red.gather_s)
+        exposed_dp = min(exposed_dp, total_dp)
+    else:
+        exposed_dp = total_dp
     tp = tp_seconds(tp_collectives(cfg, dims), dims.tp, net)
-    step = compute + a2a + etp + tp + exposed_dp
-    tokens_gpu = t.batch_size * t.seq_len * dims.dp / dims.world / step
-    return StepEstimate(compute, a2a + etp, exposed_dp, step, tokens_gpu,
-                        tokens_gpu * model_flops_per_token(cfg) / 1e12, (a2a + etp) / step, tp)
+    optimizer = optimizer_seconds(cfg, dims, comp)
+    pp = 1      # ParallelDims has no pipeline stages yet; with parallel.pp, pass dims.pp and split layers by it
+    bubble = pipeline_bubble_seconds(micro_s + tp / micro, pp)
+    step = micro * micro_s + tp + exposed_dp + optimizer + bubble
+    tokens_gpu = t.batch_size * t.seq_len * micro * dims.dp / dims.world / step
+    return StepEstimate(micro * gemm, micro * a2a, exposed_dp, step, tokens_gpu,
+                        tokens_gpu * model_flops_per_token(cfg) / 1e12, micro * a2a / step, tp,
+                        micro * non_gemm, micro * recompute, optimizer, bubble, total_dp)
 
 
 def with_layout(cfg: Config, *, tp: int = 1, ep: int = 1, etp: int = 1, batch_size: int | None = None,
-                num_experts: int | None = None) -> Config:
+                num_experts: int | None = None, shard_optimizer: str | None = None, recompute: str | None = None,
+                grad_accum_steps: int | None = None) -> Config:
+    t = cfg.train
     return dataclasses.replace(
         cfg, parallel=dataclasses.replace(cfg.parallel, tp=tp, ep=ep, etp=etp),
         moe=dataclasses.replace(cfg.moe, num_experts=num_experts or cfg.moe.num_experts),
-        train=dataclasses.replace(cfg.train, batch_size=batch_size or cfg.train.batch_size))
+        train=dataclasses.replace(t, batch_size=batch_size or t.batch_size,
+                                  shard_optimizer=shard_optimizer or t.shard_optimizer,
+                                  recompute=recompute or t.recompute,
+                                  grad_accum_steps=grad_accum_steps or t.grad_accum_steps))
 
 
 # --- the CPU fit: gloo ranks sharing a few cores ----------------------------------------------------------
