@@ -1,4 +1,5 @@
-"""Training telemetry on rank 0: one JSON line per step, TensorBoard scalars, and an expert-load heatmap.
+"""Training telemetry on rank 0: one JSON line per step, TensorBoard scalars, an optional Weights & Biases run, and
+an expert-load heatmap.
 
 Legend: L MoE layers, E experts, S logged steps.
 
@@ -7,19 +8,40 @@ summed over all ranks), so a run can be re-plotted without re-running it. On res
 the steps before the resume point and drops the rest, so each step appears exactly once however often the job
 restarted. The heatmap is drawn at `close()` from the counts kept in memory since this process started, plus
 those read back from the file on resume.
+
+With `train.wandb_project` set, the same scalars go to a wandb run (named after the output folder, the config as
+its config; WANDB_MODE=offline keeps it on disk, WANDB_DIR chooses where, default the output folder). Each
+record carries its training step as the `step` metric, the x-axis of every chart, so that evaluation and memory
+records logged at a step the training records already passed still line up. A resumed run continues the same
+wandb run (its id is kept in `wandb_run_id` in the output folder); wandb cannot drop history, so the steps redone
+after the checkpoint appear there twice, unlike in metrics.jsonl.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
+from moe_dist.config import ConfigError
+
 HEATMAP_NAME = "expert_load.png"
 CURVE_NAME = "loss.png"
+WANDB_ID_NAME = "wandb_run_id"
+WANDB_INSTALL = "pip install moe_dist[wandb]"
+
+
+def check_wandb(project: Optional[str]) -> None:
+    """`train.wandb_project` set needs the wandb package: a ConfigError now, before any model is built, rather than a
+    silent absence of the run (cheap: finds the package without importing it)."""
+    if project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb_project={project!r} but the wandb package is not installed; "
+                          f"{WANDB_INSTALL}, or leave train.wandb_project unset")
 
 
 def _finite_or_none(v: float) -> Optional[float]:
@@ -35,7 +57,8 @@ class MetricsLogger:
     """
 
     def __init__(self, out_dir: str | Path, enabled: bool, moe_layer_ids: Sequence[int] = (),
-                 tensorboard: bool = True, resume_step: Optional[int] = None):
+                 tensorboard: bool = True, resume_step: Optional[int] = None, wandb_project: Optional[str] = None,
+                 config: Any = None):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.moe_layer_ids = list(moe_layer_ids)
@@ -45,6 +68,9 @@ class MetricsLogger:
         self._curves: dict[str, list[tuple[int, float]]] = {"train": [], "eval": []}
         self._tb = None
         self._file = None
+        self._wandb = None
+        self._wandb_kinds: set[str] = set()
+        check_wandb(wandb_project)          # every rank alike: the same environment gives the same answer
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -55,6 +81,8 @@ class MetricsLogger:
             self._file = open(self.path, "w")
         if tensorboard:
             self._tb = _summary_writer(self.out_dir / "tb", purge_step=resume_step)
+        if wandb_project:
+            self._wandb = _wandb_run(wandb_project, self.out_dir, config, resumed=resume_step is not None)
 
     def _keep_before(self, step: int) -> None:
         """Rewrites metrics.jsonl with the records of steps < `step` (atomically: tmp + replace)."""
@@ -94,6 +122,23 @@ class MetricsLogger:
             for k, v in scalars.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(f"{kind}/{k}", v, step)
+        if self._wandb is not None:
+            self._log_wandb(step, kind, scalars, tokens_per_expert_LE)
+
+    def _log_wandb(self, step: int, kind: str, scalars: dict, tokens_per_expert_LE: Optional[torch.Tensor]) -> None:
+        if kind not in self._wandb_kinds:
+            self._wandb.define_metric(f"{kind}/*", step_metric="step")
+            self._wandb_kinds.add(kind)
+        row: dict[str, Any] = {"step": step}
+        _flatten_numbers(row, kind, scalars)
+        if tokens_per_expert_LE is not None and tokens_per_expert_LE.numel():
+            # One line per MoE layer (the full counts are in metrics.jsonl): max/mean of the experts' loads.
+            counts_LE = tokens_per_expert_LE.detach().to("cpu", torch.float)
+            imbalance_L = counts_LE.amax(-1) / counts_LE.mean(-1).clamp_min(1e-9)
+            for i, v in enumerate(imbalance_L.tolist()):
+                lid = self.moe_layer_ids[i] if i < len(self.moe_layer_ids) else i
+                row[f"{kind}/expert_imbalance/layer{lid}"] = v
+        self._wandb.log(row)
 
     def _remember_loss(self, rec: dict) -> None:
         kind = rec.get("kind", "train")
@@ -112,6 +157,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._curves["train"]:
             plot_loss_curve(self._curves["train"], self._curves["eval"], self.out_dir / CURVE_NAME)
         if not self._load_SLE:
@@ -142,6 +190,42 @@ def _summary_writer(log_dir: Path, purge_step: Optional[int]):
     except ImportError:       # tensorboard is optional: pip install tensorboard
         return None
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def _flatten_numbers(row: dict, prefix: str, values: dict) -> None:
+    """Finite numbers of `values` (nested dicts too, e.g. a memory record per component) as prefix/key entries."""
+    for k, v in values.items():
+        if isinstance(v, dict):
+            _flatten_numbers(row, f"{prefix}/{k}", v)
+        elif isinstance(v, bool):
+            row[f"{prefix}/{k}"] = int(v)
+        elif isinstance(v, (int, float)) and math.isfinite(v):
+            row[f"{prefix}/{k}"] = v
+
+
+def _wandb_run(project: str, out_dir: Path, config: Any, resumed: bool):
+    """A wandb run named after the output folder; on resume the run this folder logged to before, when known."""
+    import wandb
+    id_file = out_dir / WANDB_ID_NAME
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    # The run's files beside its metrics unless WANDB_DIR says otherwise; read here, at each run, because wandb
+    # reads its environment once per process.
+    run_dir = os.environ.get("WANDB_DIR") or str(out_dir)
+    try:
+        run = wandb.init(project=project, name=out_dir.resolve().name, config=config, id=run_id,
+                         resume="allow" if run_id else None,
+                         # console="off": the trainer's own stdout/stderr stay untouched (no wrapping).
+                         settings=wandb.Settings(console="off"), dir=run_dir)
+    except Exception as e:          # wandb raises several types (no API key, no network, bad project name)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"train.wandb_project={project!r}: wandb could not start a run ({first}); log in with "
+                          "`wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to keep the run on disk") from None
+    tmp = id_file.with_name(id_file.name + ".tmp")
+    tmp.write_text(run.id + "\n")
+    os.replace(tmp, id_file)
+    return run
 
 
 def load_records(path: str | Path, kind: str = "train") -> list[dict]:
