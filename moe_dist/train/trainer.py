@@ -1,6 +1,7 @@
-"""The training loop, as a class with small methods. The parallel layout comes in as a `Topology`
-(one process when None): the model holds this rank's shards, the batcher reads this dp rank's
-windows, and gradients are reduced over the layout's groups before the optimizer step.
+"""The training loop, as a class with small methods, over an engine (moe_dist.train.engine: backward,
+reduction, clipping, the optimizer and its checkpoints). The parallel layout comes in as a `Topology` (one
+process when None): the model holds this rank's shards, the batcher reads this dp rank's windows, and the
+engine reduces gradients over the layout's groups before the optimizer step.
 
 One optimizer step = `train.grad_accum_steps` micro-batches (micro-batch i of step s reads the batcher's
 window set s·accum + i), gradients summed then reduced once. Every decision that changes control flow
@@ -25,13 +26,14 @@ from tqdm import tqdm
 from moe_dist.config import Config, TrainConfig
 from moe_dist.models.gpt import MoEGPT, ModelOutput
 from moe_dist.parallel.comm import all_reduce_
-from moe_dist.parallel.grads import clip_gradients, reduce_gradients
 from moe_dist.parallel.layout import check_layout
 from moe_dist.parallel.topology import Topology
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train import preflight, run_lock
 from moe_dist.train.data import Batcher, TokenDataset, check_data
+from moe_dist.train.engine import Engine, EngineFactory, build_engine
 from moe_dist.train.metrics import MetricsLogger
+from moe_dist.train.native_engine import build_optimizer  # noqa: F401  (imported from here by callers)
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -41,14 +43,6 @@ def lr_at(step: int, t: TrainConfig) -> float:
     span = max(t.steps - t.warmup_steps, 1)
     progress = min((step - t.warmup_steps) / span, 1.0)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: MoEGPT, t: TrainConfig) -> torch.optim.AdamW:
-    # Matrices decay; norms, biases, and other vectors do not (they set scales, not features).
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
 @dataclass
@@ -94,16 +88,20 @@ class Trainer:
     last_checkpoint: Optional[Path] = None
     wall_seconds: float = 0.0
     _stop_requested: bool = False            # set by the SIGTERM handler while `fit` runs
+    _said_no_validation: bool = False
 
     def __init__(self, cfg: Config, model: Optional[MoEGPT] = None, batcher: Optional[Batcher] = None,
-                 topo: Optional[Topology] = None):
+                 topo: Optional[Topology] = None, engine: Optional[EngineFactory] = None):
+        """`engine` builds the engine around the model (default: the one train.engine names)."""
         self._init_run(cfg, topo, model, batcher)
         self.model.to(default_device())
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.engine: Engine = (engine or build_engine)(cfg, self.topo, self.model)
+        # The native engine's torch optimizer (None when the optimizer state lives in flat shards).
+        self.optimizer = getattr(self.engine, "optimizer", None)
 
     def _init_run(self, cfg: Config, topo: Optional[Topology], model: Optional[MoEGPT],
                   batcher: Optional[Batcher]) -> None:
-        """Everything but the optimizer (the DeepSpeed engine builds its own and shares the rest)."""
+        """Everything but the engine: layout check, pre-flight, seeds, model, batcher."""
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
         check_layout(cfg, topo.dims)
@@ -122,6 +120,7 @@ class Trainer:
         self.history = History()
         self.checkpoint_root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
         self._stop_requested = False             # set by the SIGTERM handler while `fit` runs
+        self._said_no_validation = False
 
     @property
     def is_logger(self) -> bool:
@@ -132,14 +131,6 @@ class Trainer:
             print(*args, **kwargs, flush=True)
 
     # ---------------------------------------------------------------------------------------- one step
-
-    def _autocast(self):
-        """bf16 autocast on a GPU when train.dtype=bfloat16 (router math stays fp32 inside the router);
-        fp32 on the CPU, where bf16 matmuls are slower and only change the numbers."""
-        device = next(self.model.parameters()).device
-        if device.type == "cuda" and self.cfg.train.dtype == "bfloat16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def _global_losses(self, out: ModelOutput) -> tuple[float, float]:
         """(LM loss, aux loss incl. z loss) of the global batch (the DeepSpeed engine uses this too)."""
@@ -163,31 +154,33 @@ class Trainer:
     def train_step(self, step: int) -> StepResult:
         t0 = time.perf_counter()
         t = self.cfg.train
-        self.model.train()
+        engine = self.engine
+        engine.train()
         lr = lr_at(step, t)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        engine.zero_grad()
         device = next(self.model.parameters()).device
         outs: list[ModelOutput] = []
         for micro in range(t.grad_accum_steps):
             x, y = self.batcher.get_batch(step * t.grad_accum_steps + micro)
-            with self._autocast():
-                out: ModelOutput = self.model(x.to(device), y.to(device))
+            out: ModelOutput = engine.forward(x.to(device), y.to(device))
             # Mean over micro-batches: the LM loss (a mean over equal-sized micro-batches) and the z-loss (a
             # mean over tokens) equal those of one batch of accum× the size; the load-balancing loss does not
             # (f_i·P_i is computed per micro-batch, as Megatron and DeepSpeed do), nor does capacity dropping
             # (capacity is per micro-batch).
-            (out.loss / t.grad_accum_steps).backward()
+            engine.backward(out.loss / t.grad_accum_steps)
             outs.append(out)
-        reduce_gradients(self.model, self.topo)
-        norm = clip_gradients(self.model, self.topo, t.grad_clip)
+        norm = engine.reduce_and_clip(t.grad_clip)
         lm, aux, z = self._global_loss_terms(outs)
         a2a_out = sum(s.a2a_rows_out for o in outs for s in o.stats)
         # Every rank holds the same all-reduced losses and norm, so every rank takes this branch together.
-        if not math.isfinite(lm + aux + z + norm):
+        if not math.isfinite(lm + aux + z + (0.0 if norm is None else norm)):
             return self._nonfinite(step, outs, lm, aux, z, norm, lr, t0)
-        self.optimizer.step()
+        after = engine.step(lr)
+        if norm is None:
+            # The engine computes the norm inside its step; a non-finite one means it did not update.
+            norm = after
+            if not math.isfinite(norm):
+                return self._nonfinite(step, outs, lm, aux, z, norm, lr, t0)
         counts, drop_fraction, leaving = self._expert_counts(outs)
         return StepResult(step=step, loss=lm + aux + z, lm_loss=lm, aux_loss=aux + z, z_loss=z,
                           drop_fraction=drop_fraction, tokens_per_expert=counts, grad_norm=norm, lr=lr,
@@ -214,7 +207,7 @@ class Trainer:
         if self.cfg.train.on_nonfinite == "raise":
             raise FloatingPointError(f"{what}; {where}. Lower train.lr, raise moe.z_loss_coef, check the data, or "
                                      "set train.on_nonfinite=skip to skip such steps")
-        self.optimizer.zero_grad(set_to_none=True)     # no optimizer update and no expert-bias update
+        self.engine.skip()                             # no optimizer update and no expert-bias update
         self.history.skipped_steps += 1
         self._say(f"{what}; {where}; step skipped (train.on_nonfinite=skip, "
                   f"{self.history.skipped_steps} skipped so far)")
@@ -247,7 +240,8 @@ class Trainer:
         c = self.cfg.checkpoint
         if self.checkpoint_root is None or c.resume == "never":
             return 0
-        found = ckpt.find_on_rank0(self.checkpoint_root, c.fallback, self.topo, say=self._say)
+        found = ckpt.find_on_rank0(self.engine.checkpoint_root(self.checkpoint_root), c.fallback, self.topo,
+                                   say=self._say)
         if found is None:
             if c.resume == "must":
                 raise ckpt.CheckpointError(f"checkpoint.resume=must but {self.checkpoint_root} holds no checkpoint; "
@@ -256,7 +250,7 @@ class Trainer:
         path, meta = found
         for note in ckpt.check_compatible(meta, self.cfg, path):
             self._say(f"checkpoint note: {note}")
-        rng = ckpt.load(path, meta, self.model, self.optimizer, self.topo)
+        rng = self.engine.load(path, meta)
         step = int(meta["step"])
         if not rng:
             # Another layout: ranks do not map one to one, so each draws a fresh stream keyed by (seed, step, rank).
@@ -272,8 +266,8 @@ class Trainer:
         """Collective: every rank calls it with the number of steps done."""
         if self.checkpoint_root is None:
             return None
-        self.last_checkpoint = ckpt.save(self.checkpoint_root, step, self.model, self.optimizer, self.cfg,
-                                         self.topo, keep=self.cfg.checkpoint.keep)
+        root = self.engine.checkpoint_root(self.checkpoint_root)
+        self.last_checkpoint = self.engine.save(root, step, keep=self.cfg.checkpoint.keep)
         return self.last_checkpoint
 
     def _agree_to_stop(self) -> bool:
@@ -331,6 +325,8 @@ class Trainer:
                     r = self.train_step(step)
                     self.history.steps.append(r)
                     self._log(log, r, tokens_per_step, steps, progress, tty, bar)
+                    if step == start:
+                        self._log_memory(log, step)
                     done = step + 1
                     if t.eval_every and (done % t.eval_every == 0 or done == steps):   # the last step too: the curve ends
                         self._log_eval(log, done)
@@ -369,7 +365,29 @@ class Trainer:
                   f"drop {r.drop_fraction:.2%} {tps:,.0f} tok/s {1e3 * r.seconds:.0f} ms/step lr {r.lr:.2e}"
                   + (f" skipped {self.history.skipped_steps}" if self.history.skipped_steps else ""), flush=True)
 
+    def _log_memory(self, log: MetricsLogger, step: int) -> None:
+        """One "memory" record after the first step of the run: rank 0's bytes at the top level and every
+        rank's under "per_rank" (one all-reduce of a [world, fields] table; a collective, every rank calls it)."""
+        if not isinstance(self.engine, Engine):       # an engine object outside the interface reports nothing
+            return
+        mine = self.engine.memory()
+        keys = sorted(mine)
+        table = torch.zeros(self.topo.dims.world, len(keys), dtype=torch.float64)
+        table[self.topo.rank] = torch.tensor([float(mine[k]) for k in keys], dtype=torch.float64)
+        if self.topo.is_distributed:
+            if torch.distributed.get_backend(self.topo.world.handle) == "nccl":
+                table = table.to(default_device())
+            all_reduce_(table, self.topo.world)
+        rows = table.cpu().long().tolist()             # host sync: the record is written now
+        per_rank = [dict(zip(keys, row)) for row in rows]
+        log.log_step(step, {**mine, "per_rank": per_rank}, kind="memory")
+
     def _log_eval(self, log: MetricsLogger, done: int) -> None:
+        if not self.has_validation:
+            if not self._said_no_validation:
+                self._say("evaluation skipped: no validation split (data.val_fraction=0)")
+                self._said_no_validation = True
+            return
         val = self.evaluate(self.cfg.train.eval_batches)     # every rank joins: the model's collectives
         self.history.evals.append((done, val))
         log.log_step(done, {"val_loss": val}, kind="eval")
@@ -381,16 +399,22 @@ class Trainer:
         return Batcher(TokenDataset(self.cfg.data.path, self.cfg.train.seq_len, "val", self.cfg.data.val_fraction),
                        self.cfg.train.batch_size, seed=0, rank=self.topo.dp.rank, world=self.topo.dp.size)
 
+    @property
+    def has_validation(self) -> bool:
+        return self.cfg.data.val_fraction > 0
+
     @torch.no_grad()
-    def evaluate(self, batches: int = 8) -> float:
-        """Mean LM loss on the validation split (fixed windows, so runs compare)."""
+    def evaluate(self, batches: int = 8) -> Optional[float]:
+        """Mean LM loss on the validation split (fixed windows, so runs compare); None when data.val_fraction=0
+        leaves no validation split."""
+        if not self.has_validation:
+            return None
         device = next(self.model.parameters()).device
         self.model.eval()
         losses = []
         for i in range(batches):
             x, y = self._val_batcher.get_batch(i)
-            with self._autocast():
-                losses.append(self._global_losses(self.model(x.to(device), y.to(device)))[0])
+            losses.append(self._global_losses(self.engine.forward(x.to(device), y.to(device)))[0])
         self.model.train()
         return sum(losses) / len(losses)
 

@@ -202,7 +202,8 @@ def test_cli_train_resumes_from_latest(tmp_path, corpus, capsys):
     out = capsys.readouterr().out
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step_000002'} (step 2" in out
     assert "done: 1 steps" in out
-    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2]
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [0, 1, 2]
+    assert [r["step"] for r in recs if r["kind"] == "memory"] == [0, 2]     # the first step of each run
     assert cli.main(argv + ["--train.steps=3", "--model.dim=48"]) == 2
     assert "model.dim 32 (checkpoint) vs 48 (config)" in capsys.readouterr().err
