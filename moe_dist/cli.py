@@ -1,13 +1,17 @@
-"""`moe-dist`: the command line. Each command parses its arguments, validates the config, and hands off."""
+"""`moe-dist`: the command line. Each command parses its arguments, validates the config, and hands off.
+
+Every command runs inside one error boundary (:func:`main`): a failure ends with one line
+`moe-dist: <kind> error: <what happened>; <the fix>` and a documented exit code (moe_dist.errors: 2 bad input,
+1 runtime failure, 130 Ctrl-C, 143 after a SIGTERM save); a traceback only with --debug or for a bug."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
+from moe_dist.errors import (EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_RUNTIME, EXIT_TERMINATED,  # noqa: F401
+                             CommandError, bad_input, report)
 
-EXIT_BAD_INPUT = 2             # a config, layout or argument error, reported before anything starts
-EXIT_TERMINATED = 143          # stopped by SIGTERM after saving a checkpoint
 _QUIET_RANK_WAIT_S = 20.0      # how long a rank other than 0 waits before exiting on bad input at start-up
 
 
@@ -16,115 +20,228 @@ def _load_config(path: str, overrides: list[str]):
     return config.load(path, overrides)
 
 
-def _start_ranks(cfg):
-    """Judge the layout on the launcher's world size, then start the process groups: every error about sizes
-    comes before any process group exists."""
+def _launch():
+    """The launcher's view of this process; its variables are input too: same report, same exit code."""
+    import os
+
+    from moe_dist.parallel import bootstrap
+    try:
+        return bootstrap.detect_launch(os.environ)
+    except ValueError as e:
+        raise CommandError("launch", str(e)) from None
+
+
+def _judge_layout(cfg):
+    """The layout on the launcher's world size: every error about sizes comes before any process group."""
+    from moe_dist.parallel.layout import check_layout
+    return check_layout(cfg, _launch().world_size)
+
+
+def _available_memory() -> int | None:
+    """Bytes this node can still give (MemAvailable), or None where /proc/meminfo is not there."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _sizes(cfg) -> str:
+    m, e = cfg.model, cfg.moe
+    return (f"model.dim={m.dim}, model.n_layers={m.n_layers}, model.vocab_size={m.vocab_size}, "
+            f"model.dense_hidden={m.dense_hidden}, moe.num_experts={e.num_experts}, moe.expert_hidden={e.expert_hidden}")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _check_memory(cfg, dims) -> None:
+    """Refuse a model whose weights alone cannot fit this node before allocating any of it: an allocator failure
+    comes late (after gigabytes were touched) or not at all (the kernel's OOM killer ends the process)."""
+    import os
+
+    from moe_dist.plan import param_counts
+    available = _available_memory()
+    if available is None:
+        return
+    params = param_counts(cfg, dims).total
+    # A lower bound on what a rank holds: its weights (gradients and AdamW moments come on top).
+    need = params * (2 if cfg.train.dtype == "bfloat16" else 4)
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    if need * per_node > available:
+        raise CommandError("memory", f"the weights alone need {_gib(need)} per rank ({params:,} parameters on each "
+                           f"of {per_node} rank(s) here; {_sizes(cfg)}) but this machine has {_gib(available)} "
+                           "available; lower those sizes, or spread the model over more ranks (parallel.ep, "
+                           "parallel.tp; `moe-dist plan CONFIG --world N` shows the memory per rank)")
+
+
+def _preflight(cfg, dims) -> None:
+    """What this node must provide before any process group starts: writable output folders, the token file,
+    the experts' backend, the optional engine's package, and memory for the weights."""
+    import importlib.util
+
+    from moe_dist.moe.experts import resolve_backend
+    from moe_dist.train import preflight
+    from moe_dist.train.data import check_data
+    # An empty path would mean the current folder (Path("") is "."): never what a config means.
+    for name, value in (("train.out_dir", cfg.train.out_dir), ("data.path", cfg.data.path),
+                        ("checkpoint.dir", cfg.checkpoint.dir)):
+        if value is not None and not value.strip():
+            raise CommandError("config", f"{name} is empty; give a path" + (", or null for the default"
+                                                                             if name == "checkpoint.dir" else ""))
+    preflight.check_outputs(cfg)
+    with bad_input("data", ValueError, OSError):
+        check_data(cfg)
+    with bad_input("config", ValueError):
+        resolve_backend(cfg.moe.backend, cfg.model.dim, cfg.moe.expert_hidden // dims.etp)
+    if cfg.train.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise CommandError("install", "train.engine=deepspeed but deepspeed is not installed; pip install "
+                           "'moe-dist[deepspeed]', or set train.engine=native")
+    _check_memory(cfg, dims)
+
+
+def _start_ranks(cfg, dims):
+    """Start the process groups (the layout was judged) and build the topology."""
     import os
 
     import torch
 
-    from moe_dist.config import ConfigError
     from moe_dist.parallel import bootstrap
-    from moe_dist.parallel.layout import check_layout
     from moe_dist.parallel.topology import Topology
-    p = cfg.parallel
-    try:
-        launch = bootstrap.detect_launch(os.environ)
-    except ValueError as e:              # the launcher's variables are input too: same report, same exit code
-        raise ConfigError(str(e)) from None
-    dims = check_layout(cfg, launch.world_size)
-    if launch.world_size > 1:
+    if dims.world > 1:
         # Ranks on one node share its cores; torch's default (all cores per rank) thrashes.
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dims.world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
-    bootstrap.init_distributed(p.timeout_s)
-    return Topology.build(dims, p.timeout_s)
+    bootstrap.init_distributed(cfg.parallel.timeout_s)
+    return Topology.build(dims, cfg.parallel.timeout_s)
 
 
-def _quiet_unless_rank0() -> None:
-    """Bad input found by every rank alike (config, layout): rank 0 reports it, the others exit with the same
-    code in silence, so a launch prints one message, not one per rank. Exiting at once could let torchrun stop
-    rank 0 before it prints (its agent stops every worker once one fails), so they wait for that stop first,
-    bounded in case rank 0 runs elsewhere."""
+def _quiet_unless_first(scope: str) -> None:
+    """Bad input found at start-up: one rank reports it, the others exit with the same code in silence, so a
+    launch prints one message, not one per rank. `scope` "world": judged alike on every rank (the config, the
+    layout), so rank 0 reports. "node": facts of this node (folders, files, memory), so the first rank of each
+    node reports. Exiting at once could let torchrun stop the reporting rank before it prints (its agent stops
+    every worker once one fails), so the others wait for that stop first, bounded in case it runs elsewhere."""
     import os
     import time
 
     from moe_dist.parallel import bootstrap
     try:
-        rank = bootstrap.detect_launch(os.environ).rank
+        launch = bootstrap.detect_launch(os.environ)
     except ValueError:                   # an incomplete launcher environment: every rank reports that
         return
-    if rank != 0:
+    if (launch.rank if scope == "world" else launch.local_rank) != 0:
         time.sleep(_QUIET_RANK_WAIT_S)
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+def _quiet_unless_rank0() -> None:
+    _quiet_unless_first("world")
+
+
+def _bad_input(e: BaseException) -> bool:
+    from moe_dist.errors import classify
+    return classify(e).code == EXIT_BAD_INPUT
+
+
 def cmd_train(args) -> int:
-    from moe_dist.config import ConfigError
     from moe_dist.parallel import bootstrap
-    from moe_dist.train.checkpoint import CheckpointError
-    from moe_dist.train.trainer import format_expert_load
     try:
         cfg = _load_config(args.config, args.overrides)
-        topo = _start_ranks(cfg)
-    except ConfigError:                  # LayoutError included
-        _quiet_unless_rank0()
+        dims = _judge_layout(cfg)
+    except Exception as e:               # the same on every rank
+        if _bad_input(e):
+            _quiet_unless_first("world")
         raise
+    try:
+        _preflight(cfg, dims)
+    except Exception as e:               # the same on every rank of this node
+        if _bad_input(e):
+            _quiet_unless_first("node")
+        raise
+    topo = _start_ranks(cfg, dims)
     say = print if topo.rank == 0 else (lambda *a, **k: None)
     try:
-        if cfg.train.engine == "deepspeed":
-            # Imported only when asked for: deepspeed is an optional extra and slow to import.
-            from moe_dist.train.deepspeed_engine import DeepSpeedTrainer as engine
-        else:
-            from moe_dist.train.trainer import Trainer as engine
-        trainer = engine(cfg, topo=topo)
-        n = sum(p.numel() for p in trainer.model.parameters())
-        moe_ids = [i for i, b in enumerate(trainer.model.blocks) if b.is_moe]
-        header = f"moe-dist train: {args.config} | {n / 1e6:.2f}M parameters"
-        if topo.is_distributed:
-            header += f" on rank 0 of {topo.dims.describe()}"
-        if moe_ids:
-            header += (f" | {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, MoE layers {moe_ids} | "
-                       f"experts backend {trainer.model.moe_layers[0].experts.backend}")
-        else:
-            header += " (no MoE layer)"
-        say(header, flush=True)
-        try:
-            history = trainer.fit(progress=not args.quiet)   # resumes from `latest` first (checkpoint.resume)
-        except CheckpointError as e:
-            print(f"moe-dist: checkpoint error: {e}", file=sys.stderr)
-            return 2
-        steps = history.steps
-        if trainer.stopped_at is not None:
-            # SIGTERM: fit saved and said where. The run is not finished, so exit as a terminated process
-            # would (128+15): torchrun --max-restarts, a SLURM requeue or a retry loop then relaunch it, and
-            # the relaunch resumes from the checkpoint just written. Exit 0 would read as "all steps done".
-            return EXIT_TERMINATED
-        if not steps:
-            say(f"nothing to do: the checkpoint is at step {cfg.train.steps} already (train.steps); raise "
-                "train.steps to continue", flush=True)
-            return 0
-        evals = getattr(history, "evals", [])
-        if evals and evals[-1][0] == steps[-1].step + 1:
-            val = evals[-1][1]                             # fit evaluated the last step already
-        else:
-            val = trainer.evaluate(cfg.train.eval_batches)   # every rank joins: the model's collectives need the whole group
-        first = sum(s.lm_loss for s in steps[:10]) / min(10, len(steps))
-        last = sum(s.lm_loss for s in steps[-10:]) / min(10, len(steps))
-        tokens = len(steps) * cfg.train.batch_size * cfg.train.seq_len * topo.dp.size * cfg.train.grad_accum_steps
-        skipped = getattr(history, "skipped_steps", 0)
-        say(f"\ndone: {len(steps)} steps in {trainer.wall_seconds:.1f}s, {tokens / trainer.wall_seconds:,.0f} "
-            f"tokens/s; LM loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps); val loss {val:.3f}"
-            + (f"; {skipped} non-finite steps skipped" if skipped else ""))
-        if moe_ids and history.expert_load().numel():
-            where = f" (all {topo.dims.world} ranks)" if topo.is_distributed else ""
-            say(f"\nper-expert load over the run{where} (share of assignments):")
-            say(format_expert_load(history.expert_load(), moe_ids))
-        if getattr(trainer, "last_checkpoint", None):
-            say(f"\ncheckpoint: {trainer.last_checkpoint}")
-        say(f"\nmetrics: {cfg.train.out_dir}/metrics.jsonl")
+        return _train(args, cfg, topo, say)
+    except BaseException as e:
+        if topo.is_distributed and not isinstance(e, (SystemExit, KeyboardInterrupt)):
+            e.add_note(f"rank {topo.rank} of {topo.dims.world}")    # which rank's line this is
+        raise
     finally:
         bootstrap.shutdown()
+
+
+def _build_trainer(cfg, topo):
+    from moe_dist.errors import classify
+    from moe_dist.train.trainer import Trainer
+    engine = Trainer
+    if cfg.train.engine == "deepspeed":
+        # Imported only when asked for: deepspeed is an optional extra and slow to import. Where Trainer drives
+        # the DeepSpeed engine itself there is no DeepSpeedTrainer, and Trainer it is.
+        from moe_dist.train import deepspeed_engine
+        engine = getattr(deepspeed_engine, "DeepSpeedTrainer", Trainer)
+    try:
+        return engine(cfg, topo=topo)
+    except (MemoryError, RuntimeError) as e:
+        if classify(e).kind != "memory":
+            raise
+        from moe_dist.plan import param_counts
+        params = param_counts(cfg, topo.dims).total
+        raise CommandError("memory", f"allocating the model failed ({str(e).strip().splitlines()[0]}): "
+                           f"{params:,} parameters per rank ({_sizes(cfg)}); lower those sizes, or spread the model "
+                           "over more ranks (`moe-dist plan CONFIG --world N` shows the memory per rank)",
+                           EXIT_RUNTIME) from e
+
+
+def _train(args, cfg, topo, say) -> int:
+    from moe_dist.train.trainer import format_expert_load
+    trainer = _build_trainer(cfg, topo)
+    n = sum(p.numel() for p in trainer.model.parameters())
+    moe_ids = [i for i, b in enumerate(trainer.model.blocks) if b.is_moe]
+    header = f"moe-dist train: {args.config} | {n / 1e6:.2f}M parameters"
+    if topo.is_distributed:
+        header += f" on rank 0 of {topo.dims.describe()}"
+    if moe_ids:
+        header += (f" | {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, MoE layers {moe_ids} | "
+                   f"experts backend {trainer.model.moe_layers[0].experts.backend}")
+    else:
+        header += " (no MoE layer)"
+    say(header, flush=True)
+    history = trainer.fit(progress=not args.quiet)   # resumes from `latest` first (checkpoint.resume)
+    steps = history.steps
+    if trainer.stopped_at is not None:
+        # SIGTERM: fit saved and said where. The run is not finished, so exit as a terminated process
+        # would (128+15): torchrun --max-restarts, a SLURM requeue or a retry loop then relaunch it, and
+        # the relaunch resumes from the checkpoint just written. Exit 0 would read as "all steps done".
+        return EXIT_TERMINATED
+    if not steps:
+        say(f"nothing to do: the checkpoint is at step {cfg.train.steps} already (train.steps); raise "
+            "train.steps to continue", flush=True)
+        return 0
+    evals = getattr(history, "evals", [])
+    if evals and evals[-1][0] == steps[-1].step + 1:
+        val = evals[-1][1]                             # fit evaluated the last step already
+    else:
+        val = trainer.evaluate(cfg.train.eval_batches)   # every rank joins: the model's collectives need the whole group
+    first = sum(s.lm_loss for s in steps[:10]) / min(10, len(steps))
+    last = sum(s.lm_loss for s in steps[-10:]) / min(10, len(steps))
+    tokens = len(steps) * cfg.train.batch_size * cfg.train.seq_len * topo.dp.size * cfg.train.grad_accum_steps
+    skipped = getattr(history, "skipped_steps", 0)
+    say(f"\ndone: {len(steps)} steps in {trainer.wall_seconds:.1f}s, {tokens / trainer.wall_seconds:,.0f} "
+        f"tokens/s; LM loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps); "
+        + (f"val loss {val:.3f}" if val is not None else "val loss: none (data.val_fraction=0)")
+        + (f"; {skipped} non-finite steps skipped" if skipped else ""))
+    if moe_ids and history.expert_load().numel():
+        where = f" (all {topo.dims.world} ranks)" if topo.is_distributed else ""
+        say(f"\nper-expert load over the run{where} (share of assignments):")
+        say(format_expert_load(history.expert_load(), moe_ids))
+    if getattr(trainer, "last_checkpoint", None):
+        say(f"\ncheckpoint: {trainer.last_checkpoint}")
+    say(f"\nmetrics: {cfg.train.out_dir}/metrics.jsonl")
     return 0
 
 
@@ -135,11 +252,31 @@ def cmd_prepare_data(args) -> int:
         kwargs["tokenizer"] = args.tokenizer
     if args.train_tokenizer is not None:
         kwargs["train_tokenizer"] = args.train_tokenizer
-    meta = prepare(args.sources or None, args.out, args.max_bytes, **kwargs)
+    try:
+        meta = prepare(args.sources or None, args.out, args.max_bytes, **kwargs)
+    except UnicodeDecodeError as e:
+        raise CommandError("data", _where_not_utf8(args.sources or [], e)) from e
     what = meta.get("tokenizer") or "byte"
     print(f"wrote {args.out}: {meta['tokens']:,} tokens ({what}, vocabulary {meta['vocab_size']:,}) from "
           f"{meta['documents']:,} documents ({', '.join(meta['sources'])})")
     return 0
+
+
+def _where_not_utf8(sources: list[str], e: UnicodeDecodeError) -> str:
+    """The first line of a JSONL source that is not UTF-8 (the decoder's error knows neither file nor line)."""
+    from pathlib import Path
+    for source in sources:
+        path = Path(source)
+        if path.suffix != ".jsonl" or not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    return (f"{path}:{lineno}: not UTF-8 text (byte 0x{line[bad.start]:02x} at column {bad.start + 1}); "
+                            "re-encode the file as UTF-8 or drop that line")
+    return f"a data source is not UTF-8 text ({e.reason} at byte {e.start} of a chunk); re-encode it as UTF-8"
 
 
 def cmd_params(args) -> int:
@@ -175,8 +312,21 @@ def cmd_plan(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error ends with the one `moe-dist: argument error: ...` line like every other
+    error (argparse's own ends with `<prog>: error: ...`); exit code 2 as argparse's."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        print(f"moe-dist: argument error: {message}; see `{self.prog} --help`", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-dist", description="Expert-parallel Mixture-of-Experts training.")
+    p = _Parser(prog="moe-dist", description="Expert-parallel Mixture-of-Experts training.", epilog=EXIT_CODES_HELP,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of every error, not only the one-line report")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config (overrides: --section.field=value)")
@@ -223,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere on the line (no override looks like it: those have an '=').
+    debug = "--debug" in argv
+    args, rest = parser.parse_known_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     rest = [r for r in rest if not r.startswith("--local_rank")]
     if rest and args.command not in ("train", "params", "plan", "tune-capacity"):
@@ -232,16 +386,14 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"config overrides must look like --section.field=value, got {' '.join(bad)}")
     args.overrides = rest
-    from moe_dist.config import ConfigError
-    from moe_dist.parallel.layout import LayoutError
+    # The one error boundary: whatever a command raises ends as one line and an exit code (moe_dist.errors).
+    # BaseException: DCP's CheckpointException is one, and Ctrl-C gets its line too; SystemExit passes.
     try:
         return args.func(args)
-    except LayoutError as e:
-        print(f"moe-dist: layout error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ConfigError as e:
-        print(f"moe-dist: config error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except SystemExit:
+        raise
+    except BaseException as e:
+        return report(e, debug=args.debug)
 
 
 if __name__ == "__main__":

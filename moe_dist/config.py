@@ -150,6 +150,11 @@ REPLACED = {
 }
 
 
+# torch.manual_seed takes up to 2**64 - 1 and numpy's generators only non-negative seeds; the trainer adds the
+# rank, and on a resharded resume seed * 1_000_003 + step * 1009 + rank, which stays below 2**64 from here.
+SEED_MAX = 2**32 - 1
+
+
 class ConfigError(ValueError):
     """A config value is wrong; the message names the field, the value and the fix."""
 
@@ -200,11 +205,20 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{path}={value!r} must be a finite number")
         return number
     if tp is str:
+        if value is None:
+            # YAML's null (or an empty `out_dir:`) in a text field that has no "unset" meaning: str(None) would
+            # make a folder named "None".
+            raise ConfigError(f"{path} is null, which this field does not take; give it a value, or delete the "
+                              "line to keep the default")
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{path}={value!r} must be text, not a {'mapping' if isinstance(value, dict) else 'list'}")
         return str(value)
     return value
 
 
-def from_dict(raw: dict[str, Any]) -> Config:
+def from_dict(raw: dict[str, Any], where: Optional[dict[str, str]] = None) -> Config:
+    """A Config from nested mappings; `where` maps "section.field" to "file:line" for the messages."""
+    where = where or {}
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -212,6 +226,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
     types = _section_types()
     sections = {}
     for name, values in raw.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"config section {name!r} is not a name; sections are {', '.join(SECTIONS)}")
         if name not in types:
             raise _unknown("config section", name, list(types))
         cls = types[name]
@@ -220,11 +236,18 @@ def from_dict(raw: dict[str, Any]) -> Config:
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in (values or {}).items():
+            if not isinstance(key, str):
+                raise ConfigError(f"field {key!r} in section '{name}' is not a name; known: {', '.join(sorted(hints))}")
             if (name, key) in REPLACED:
                 raise ConfigError(f"{name}.{key} was replaced; use {REPLACED[name, key]}")
             if key not in hints:
                 raise _unknown(f"field in '{name}'", key, list(hints))
-            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+            try:
+                kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+            except ConfigError as e:
+                if f"{name}.{key}" not in where:
+                    raise
+                raise ConfigError(f"{where[name + '.' + key]}: {e}") from None
         sections[name] = cls(**kwargs)
     return Config(**sections)
 
@@ -256,13 +279,82 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain values only: a `!!python/...` tag is refused) that also refuses a key given
+    twice in one mapping: the plain loader keeps the last one silently, so a config with two `model:` sections
+    would train the second alone."""
+
+    source = "<config>"
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue            # `<<: *anchor` merges are overridden by explicit keys on purpose
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:       # an unhashable key: the base class reports it with its position
+                    continue
+                if first is not None:
+                    lines = f"lines {first} and {line}" if first != line else f"both on line {line}"
+                    raise ConfigError(f"{self.source}:{line}: key {key!r} appears twice in one mapping ({lines}); "
+                                      "the first would be ignored: merge them into one")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _positions(node) -> dict[str, str]:
+    """"section.field" -> the line it is on, from the document's node tree (for messages)."""
+    out = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(value, yaml.MappingNode):
+                for field_key, _ in value.value:
+                    out[f"{key.value}.{field_key.value}"] = field_key.start_mark.line + 1
+    return out
+
+
+def _read_yaml(path: Path) -> tuple[Any, dict[str, str]]:
+    """The YAML document in `path` and where each section.field sits; every failure is a ConfigError naming
+    the file (and the line and column, or the byte offset)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read ({e.strerror}); check its permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file '{path}' is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                          f"(line {line}); save it as UTF-8") from None
+    loader = _StrictLoader(text.removeprefix("\ufeff"))
+    loader.source = str(path)
+    try:
+        node = loader.get_single_node()
+        raw = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        fix = ("configs hold plain values only (no tags)" if isinstance(e, yaml.constructor.ConstructorError)
+               else "fix the YAML syntax there")
+        raise ConfigError(f"{at}: {what}; {fix}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: {' '.join(str(e).split())}; fix the YAML there") from None
+    finally:
+        loader.dispose()
+    return raw, {k: f"{path}:{line}" for k, line in _positions(node).items()}
+
+
 def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; presets are in configs/")
-    with open(path) as f:
-        raw = yaml.safe_load(f)
-    cfg = apply_overrides(from_dict(raw), overrides or [])
+    raw, where = _read_yaml(path)
+    cfg = apply_overrides(from_dict(raw, where), overrides or [])
     validate(cfg)
     return cfg
 
@@ -361,6 +453,9 @@ def validate(cfg: Config) -> None:
     if t.deepspeed_config is not None and t.engine != "deepspeed":
         raise ConfigError(f"train.deepspeed_config={t.deepspeed_config!r} is set but train.engine={t.engine!r}; "
                           "set train.engine=deepspeed or drop deepspeed_config")
+    if not 0 <= t.seed <= SEED_MAX:
+        raise ConfigError(f"train.seed={t.seed}: must be in 0..{SEED_MAX} (2**32 - 1); the trainer seeds torch and "
+                          "numpy with it, offset by the rank and the step")
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
     c = cfg.checkpoint
