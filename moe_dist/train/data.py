@@ -65,8 +65,13 @@ def _documents(source: Path) -> Iterator[tuple[str, bytes]]:
             if p.is_file() and p.suffix in TEXT_SUFFIXES:
                 yield str(p), _read(p)
     elif source.suffix == ".jsonl":
-        with source.open("r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with source.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ConfigError(f"{source}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                      f"{e.start + 1}); re-encode the file as UTF-8 or drop that line") from None
                 if not line.strip():
                     continue
                 try:

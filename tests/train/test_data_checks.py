@@ -178,3 +178,11 @@ def test_token_file_named_json_is_refused_at_train(tmp_path: Path) -> None:
     p.write_bytes(bytes(100))
     with pytest.raises(ConfigError, match=r"named \*\.json is its own metadata file"):
         check_data(_cfg(p))
+
+
+def test_jsonl_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    jl = tmp_path / "bad.jsonl"
+    jl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"):
+        prepare([jl], tmp_path / "o.bin")
+    assert not (tmp_path / "o.bin").exists()

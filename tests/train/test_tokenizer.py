@@ -178,3 +178,24 @@ def test_failed_tokenization_leaves_the_previous_outputs(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"bad\.jsonl:2"):
         prepare([bad], out, train_tokenizer=300)
     assert {p.name: p.read_bytes() for p in tmp_path.glob("t.*")} == before      # no .tmp, nothing replaced
+
+
+def test_a_model_trains_on_uint16_tokens(tmp_path: Path) -> None:
+    """The whole path: a trained tokenizer's ids (some above 255) through TokenDataset and Batcher into a model
+    whose vocabulary holds them; the data check accepts it, and the loss falls from ln(vocab)."""
+    from moe_dist.train.trainer import Trainer
+    from trainer_helpers import make_cfg, tiny
+    src = tmp_path / "a.txt"
+    src.write_text("".join(DOCS) * 30)
+    out = tmp_path / "tok.bin"
+    prepare([src], out, train_tokenizer=300)
+    raw = tiny()
+    raw["model"]["vocab_size"] = 300
+    raw["data"] = {"path": str(out), "val_fraction": 0.1}
+    cfg = make_cfg(raw, out_dir=str(tmp_path / "run"), steps=12, eval_every=0)
+    trainer = Trainer(cfg)
+    x, _ = trainer.batcher.get_batch(0)
+    assert int(x.max()) > 255
+    hist = trainer.fit(progress=False)
+    losses = [r.lm_loss for r in hist.steps]
+    assert losses[0] == pytest.approx(np.log(300), rel=0.1) and losses[-1] < losses[0] - 0.3
