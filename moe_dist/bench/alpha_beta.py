@@ -116,6 +116,8 @@ def _span(group_stride: int, size: int, gpus_per_node: int) -> tuple[int, int]:
 
 
 def alltoall_seconds(bytes_sent: float, ep: int, tp: int, net: Network) -> float:
+    """The ep group's all-to-all; `tp` is the distance between its ranks. In the expert view ranks run etp
+    fastest, then ep, so `estimate` passes dims.etp (equal to tp in the usual layouts, tp = etp)."""
     if ep <= 1 or bytes_sent <= 0:
         return 0.0
     intra, inter = _span(tp, ep, net.gpus_per_node)
@@ -346,10 +348,11 @@ def estimate(cfg: Config, dims: ParallelDims, net: Network = Network(), comp: Co
     b = DTYPE_BYTES[t.dtype]
     rows = alltoall_rows_per_layer(cfg, dims)
     n_moe = _n_moe(cfg)
-    one_a2a = alltoall_seconds(rows["sent"] * m.dim * b, dims.ep, dims.tp, net)
+    # Expert view (parallel folding): etp groups are adjacent ranks, ep groups are etp apart, edp ep·etp apart.
+    one_a2a = alltoall_seconds(rows["sent"] * m.dim * b, dims.ep, dims.etp, net)
     # ETP all-gather and reduce-scatter: each moves the `etp_gathered` rows into the rank over the group's link
-    # (adjacent ranks, so NVLink unless etp·tp exceeds a node).
-    _, off = _span(dims.tp, dims.etp, net.gpus_per_node)
+    # (adjacent ranks, so NVLink unless etp exceeds a node).
+    _, off = _span(1, dims.etp, net.gpus_per_node)
     bw, lat = (net.inter_gbps, net.inter_latency_us) if off else (net.intra_gbps, net.intra_latency_us)
     one_etp = (lat * 1e-6 + rows["etp_gathered"] * m.dim * b / (bw * 1e9)) if dims.etp > 1 else 0.0
     a2a = 4 * n_moe * (one_a2a + one_etp)
