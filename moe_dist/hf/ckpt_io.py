@@ -1,8 +1,8 @@
 """moe_dist checkpoints on the Hugging Face side: write a model as a step-0 checkpoint of the normal format, read
 a checkpoint's weights back, and the record of where an imported model came from.
 
-An imported (or upcycled) model is written as the trainer writes its own checkpoints (through the same
-`checkpoint.save`): every parameter as a global tensor, experts under their global index, AdamW moments of zero
+An imported (or upcycled) model is written as the trainer writes its own checkpoints (the native engine's
+`save`): every parameter as a global tensor, experts under their global index, AdamW moments of zero
 and step 0 (the state AdamW starts from anyway), so `moe-dist train` resumes from it on any layout with no
 special case. The record `hf_source.json` beside the step folders keeps the family and the original
 config.json (token ids, ...) for export; the store's pruning leaves it alone. Tokenizer files are copied into
@@ -61,15 +61,14 @@ def write_step0(model: MoEGPT, cfg: Config, root: Path, record: dict[str, Any],
                 carried_from: Optional[Path] = None) -> Path:
     """Publish `model` as the step-0 checkpoint under `root` (atomic: the store's tmp folder, rename, `latest`),
     then the record and the carried files. Returns the step folder."""
-    from moe_dist.train import checkpoint as ckpt
-    from moe_dist.train.trainer import build_optimizer
+    from moe_dist.train.native_engine import NativeEngine
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    optimizer = build_optimizer(model, cfg.train)
+    # The native engine writes it, so the checkpoint is exactly what training writes (fp32 weights, zero moments).
+    engine = NativeEngine(cfg, Topology.single(), model, weights_dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        path = ckpt.save(root, 0, model, optimizer, cfg, Topology.single(), keep=cfg.checkpoint.keep,
-                         extra={"hf": {k: record[k] for k in ("family", "source") if k in record}})
+        path = engine.save(root, 0, keep=cfg.checkpoint.keep)
     if carried_from is not None:
         files = [carried_from / n for n in CARRIED if (carried_from / n).is_file()]
         if files:
