@@ -99,6 +99,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm attention then MLP. `train.recompute` decides what backward recomputes instead of keeping:
+    `moe_act` the routed experts' activation (moe/experts.py), `moe` the whole MoE layer here, `block` the
+    whole block (`MoEGPT.forward`)."""
+
     def __init__(self, cfg: Config, layer_id: int, topo: Topology):
         super().__init__()
         m = cfg.model
@@ -106,16 +110,24 @@ class Block(nn.Module):
         self.attn = Attention(m, topo.tp)
         self.mlp_norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
         self.is_moe = is_moe_layer(m, layer_id)
-        self.mlp = (MoELayer(cfg.moe, m.dim, topo) if self.is_moe
-                    else ParallelMLP(m.dim, m.dense_hidden, cfg.moe.activation, topo.tp))
+        self.mlp = (MoELayer(cfg.moe, m.dim, topo, recompute_activation=cfg.train.recompute == "moe_act")
+                    if self.is_moe else ParallelMLP(m.dim, m.dense_hidden, cfg.moe.activation, topo.tp))
+        self.recompute_moe = self.is_moe and cfg.train.recompute == "moe"
 
     def forward(self, x, cos, sin) -> tuple[torch.Tensor, Optional[MoEStats]]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         h = self.mlp_norm(x)
-        if self.is_moe:
+        if not self.is_moe:
+            return x + self.mlp(h), None
+        if self.recompute_moe and self.training and torch.is_grad_enabled():
+            # Keep only the layer's input; backward reruns router, dispatch (its all-to-alls and the split
+            # exchange: every rank of the group reruns the same layer at the same point of its backward, so
+            # the collectives stay in lockstep), experts and combine, with the forward's RNG state (router
+            # jitter) restored, so routing and capacity drops are the same.
+            out, stats = torch.utils.checkpoint.checkpoint(self.mlp, h, use_reentrant=False)
+        else:
             out, stats = self.mlp(h)
-            return x + out, stats
-        return x + self.mlp(h), None
+        return x + out, stats
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,14 @@ Backends, chosen once at construction:
 - `triton`: the Triton grouped GEMM (`moe_dist.kernels.ops`), forward, dX and dW kernels. Runs on a CUDA
   GPU, or on the CPU under `TRITON_INTERPRET=1` (correctness only); elsewhere asking for it raises.
 - `auto`: grouped_mm where the shapes allow it, else loop (never triton: it is asked for by name).
+
+Activation recompute (`train.recompute: moe_act`, `recompute_activation=True`): the activation's output, the
+second GEMM's input, is the largest tensor the experts keep for backward ([N, F], next to the [N, 2F] first GEMM
+output that the activation's own backward needs anyway). With recompute it is computed, consumed by the second
+GEMM, then its memory is released; when backward reaches the experts' output the activation is run again on the
+kept first GEMM output, the memory refilled in place (the second GEMM's saved reference sees the data again), and
+that recomputed graph gives the activation's gradient. Every backend supports it: the three GEMMs save their
+input tensor itself (torch._grouped_mm, the loop's split views, the Triton op's saved inputs), never a copy.
 """
 from __future__ import annotations
 
@@ -79,9 +87,46 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(h)
 
 
+class _RecomputedActivation(torch.autograd.Function):
+    """activate(h) that keeps only h for backward. Its output's memory is released by `GroupedExperts` once
+    the second GEMM holds it; `state["graph"]`, set by the refill hook, is the recomputed (h leaf, output)
+    pair that backward differentiates (recomputed here if the hook did not run)."""
+
+    @staticmethod
+    def forward(ctx, h, activation, state):
+        ctx.save_for_backward(h)
+        ctx.activation, ctx.state = activation, state
+        return activate(h, activation)
+
+    @staticmethod
+    def backward(ctx, g):
+        (h,) = ctx.saved_tensors
+        h_leaf, out = ctx.state.pop("graph", None) or _recompute(h, ctx.activation)
+        (gh,) = torch.autograd.grad(out, h_leaf, g)
+        return gh, None, None
+
+
+def _recompute(h: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        h_leaf = h.detach().requires_grad_(True)
+        return h_leaf, activate(h_leaf, activation)
+
+
+def _release(t: torch.Tensor) -> None:
+    t.untyped_storage().resize_(0)
+
+
+def _refill(t: torch.Tensor, data: torch.Tensor) -> None:
+    """Put `data` back into `t`'s released memory. A storage copy, not `t.copy_`: the tensor's version counter
+    must not move, or autograd would reject the saved reference as modified in place."""
+    t.untyped_storage().resize_(data.untyped_storage().nbytes())
+    with torch.no_grad():
+        t.untyped_storage().copy_(data.untyped_storage())
+
+
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu",
-                 backend: str = "auto"):
+                 backend: str = "auto", recompute_activation: bool = False):
         super().__init__()
         if activation not in ("swiglu", "gelu"):
             raise ValueError(f"moe.activation={activation!r}: choose 'swiglu' or 'gelu'")
@@ -91,6 +136,7 @@ class GroupedExperts(nn.Module):
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.backend = resolve_backend(backend, dim, hidden)
         self._gemm = _select_gemm(self.backend)
+        self.recompute_activation = recompute_activation
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
@@ -99,9 +145,26 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """x_ND holds rows grouped by expert; offsets_E (int32) are cumulative group ends."""
-        h = activate(self._gemm(x_ND, self.w_in_EDF2, offsets_E), self.activation)
-        return self._gemm(h.contiguous(), self.w_out_EFD, offsets_E)
+        h_NF2 = self._gemm(x_ND, self.w_in_EDF2, offsets_E)
+        if self.recompute_activation and self.training and torch.is_grad_enabled() and h_NF2.requires_grad:
+            return self._forward_recomputing(h_NF2, offsets_E)
+        return self._gemm(activate(h_NF2, self.activation).contiguous(), self.w_out_EFD, offsets_E)
+
+    def _forward_recomputing(self, h_NF2: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        state: dict = {}
+        a_NF = _RecomputedActivation.apply(h_NF2, self.activation, state)    # fresh and contiguous
+        y_ND = self._gemm(a_NF, self.w_out_EFD, offsets_E)
+        _release(a_NF)          # the second GEMM keeps a reference for its weight gradient: data comes back below
+
+        def refill(grad: torch.Tensor) -> None:
+            # Backward has reached the experts' output: the second GEMM's backward is next and reads a_NF.
+            state["graph"] = _recompute(h_NF2, self.activation)
+            _refill(a_NF, state["graph"][1])
+
+        y_ND.register_hook(refill)
+        return y_ND
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
-                f"activation={self.activation}, backend={self.backend}")
+                f"activation={self.activation}, backend={self.backend}"
+                + (", recompute_activation=True" if self.recompute_activation else ""))

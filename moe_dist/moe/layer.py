@@ -66,7 +66,7 @@ class MoELayer(nn.Module):
     (`MoEGPT.tp_partial_parameters`)."""
 
     def __init__(self, cfg: MoEConfig, dim: int, topo: Optional[Topology] = None,
-                 dispatcher: Optional[Dispatcher] = None):
+                 dispatcher: Optional[Dispatcher] = None, recompute_activation: bool = False):
         super().__init__()
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
@@ -80,7 +80,10 @@ class MoELayer(nn.Module):
             else:
                 dispatcher = LocalDispatcher(cfg.num_experts, pad_to_capacity=cfg.pad_to_capacity, backend=backend)
         self.dispatcher = dispatcher
-        self.experts = GroupedExperts(self.dispatcher.num_local_experts, dim, hidden, cfg.activation, backend)
+        # recompute_activation (train.recompute=moe_act): the experts keep their first GEMM's output and
+        # recompute the activation in backward instead of keeping its output.
+        self.experts = GroupedExperts(self.dispatcher.num_local_experts, dim, hidden, cfg.activation, backend,
+                                      recompute_activation=recompute_activation)
         shared_hidden = cfg.shared_expert_hidden or cfg.num_shared_experts * cfg.expert_hidden
         # Shared experts run on this rank's token slice, unsplit (a group of one).
         self.shared = (ParallelMLP(dim, shared_hidden, cfg.activation, Topology.single().tp)

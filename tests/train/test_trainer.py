@@ -1,4 +1,4 @@
-"""Trainer features in one process: gradient accumulation, activation checkpointing, evaluation and seeds, the
+"""Trainer features in one process: gradient accumulation, evaluation and seeds, the
 learning-rate schedule. The global gradient norm against one process and non-finite losses on every rank are in
 tests/multirank/test_trainer_ranks.py."""
 from __future__ import annotations
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from moe_dist.config import TrainConfig
-from moe_dist.models.gpt import MoEGPT
 from moe_dist.train.data import prepare
 from moe_dist.train.trainer import Trainer, lr_at
 from trainer_helpers import RowsBatcher, make_cfg, tiny, tokens
@@ -40,25 +39,7 @@ def test_two_micro_batches_equal_one_double_batch():
     assert [c.tolist() for c in ra.tokens_per_expert] == [c.tolist() for c in ro.tokens_per_expert]
 
 
-# ------------------------------------------------------------------------------- activation checkpointing
-
-@pytest.mark.parametrize("moe", [{}, {"jitter_eps": 0.2, "capacity_factor": 1.0, "min_capacity": 1}])
-def test_activation_checkpointing_gives_the_same_gradients(moe):
-    """Recomputing each block in backward replays its RNG (router jitter) and routing, so gradients are equal."""
-    x, y = tokens(2)
-    grads = []
-    for ckpt in (False, True):
-        cfg = make_cfg(tiny(**moe), recompute="block" if ckpt else "none")
-        torch.manual_seed(5)
-        model = MoEGPT(cfg)
-        out = model(x, y)
-        out.loss.backward()
-        grads.append((float(out.loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    assert grads[0][0] == grads[1][0]
-    for n, g in grads[0][1].items():
-        torch.testing.assert_close(grads[1][1][n], g, rtol=1e-6, atol=1e-8, msg=n)
-
-
+# Recompute (activation checkpointing) in every mode, with router jitter and capacity drops: tests/models/test_recompute.py.
 
 
 # ----------------------------------------------------------------------------------------- eval and seeds
