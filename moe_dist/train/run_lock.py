@@ -146,6 +146,38 @@ def _acquire_exclusive(folder: Path, path: Path, field: str, key: str) -> Path:
     raise ConfigError(f"could not take the lock {path}; another run keeps creating it")
 
 
+def check_free(folder: Path, field: str = "train.out_dir") -> None:
+    """Raise ConfigError naming the holder when another run holds `folder`'s lock now (what `acquire` would
+    refuse); takes nothing and creates nothing. For a check before the model is built (rank 0 only: a probe
+    from another rank of the same job could meet rank 0's own lock)."""
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    if os.path.realpath(folder) in _HELD:
+        raise _in_use(folder, path, field, _holder_text(path))
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return                     # no lock file (or none this user can read: acquire will say more)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)       # closing the descriptor gives it back
+        except BlockingIOError:
+            raise _in_use(folder, path, field, _holder_text(path)) from None
+        except OSError as e:
+            if e.errno not in _NO_FLOCK:
+                raise
+            holder = _holder_text_fd(fd)
+            pid = holder.get("pid")
+            if not (holder.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid)):
+                raise _in_use(folder, path, field, holder) from None
+            return
+        holder = _holder_text_fd(fd)
+        if holder.get("host") not in (None, socket.gethostname()):
+            raise _in_use(folder, path, field, holder)
+    finally:
+        os.close(fd)
+
+
 def release(folder: Path) -> None:
     """Remove this process's lock on `folder` (the file first, then the descriptor's flock)."""
     key = os.path.realpath(folder)
