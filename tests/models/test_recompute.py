@@ -138,6 +138,17 @@ def _ranks_worker(rank, world):
         _, bwd = _collectives(lambda: out.loss.backward())
         res[mode] = {"loss": float(out.loss.detach()), "fwd": fwd, "bwd": bwd,
                      "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+    # Expert tensor parallelism (etp=2): the dispatch's all-gather of counts and its etp all-to-alls rerun too.
+    for mode in ("none", "moe"):
+        cfg = make_cfg(tiny(etp=2, jitter_eps=0.2, capacity_factor=1.0, min_capacity=1), recompute=mode)
+        topo = Topology.build(check_layout(cfg, world), timeout_s=60)
+        x, y = tokens(4)
+        torch.manual_seed(5 + rank)
+        model = MoEGPT(cfg, topo)
+        out = model(x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2])
+        _, bwd = _collectives(lambda: out.loss.backward())
+        res[f"etp_{mode}"] = {"loss": float(out.loss.detach()), "bwd": bwd,
+                              "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
     # One MoE layer whose router sends every token to experts 0 and 1 (rank 0's): rank 1's experts get no rows,
     # yet both ranks must rerun the same all-to-alls when the layer is recomputed.
     cfg = make_cfg(tiny(ep=2))
@@ -172,6 +183,15 @@ def test_two_ranks_recompute_gives_the_same_gradients(rank_runs, mode):
         assert r[mode]["loss"] == r["none"]["loss"]
         for n, g in r["none"]["grads"].items():
             torch.testing.assert_close(r[mode]["grads"][n], g, rtol=1e-6, atol=1e-8, msg=n)
+
+
+def test_two_ranks_recompute_under_expert_tensor_parallelism(rank_runs):
+    for r in rank_runs:
+        assert r["etp_moe"]["loss"] == r["etp_none"]["loss"]
+        for n, g in r["etp_none"]["grads"].items():
+            torch.testing.assert_close(r["etp_moe"]["grads"][n], g, rtol=1e-6, atol=1e-8, msg=n)
+    assert rank_runs[0]["etp_moe"]["bwd"] == rank_runs[1]["etp_moe"]["bwd"]
+    assert len(rank_runs[0]["etp_moe"]["bwd"]) > len(rank_runs[0]["etp_none"]["bwd"])
 
 
 def test_two_ranks_rerun_the_same_collectives_in_backward(rank_runs):
