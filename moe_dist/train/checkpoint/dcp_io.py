@@ -20,7 +20,8 @@ from moe_dist.parallel.topology import Topology
 from moe_dist.train.checkpoint import store
 from moe_dist.train.checkpoint.safe_load import SafeReader
 from moe_dist.train.checkpoint.shards import ShardLoadPlanner, ShardSavePlanner
-from moe_dist.train.checkpoint.state import data_fields, layout_of, shape_fields, state_for_dcp
+from moe_dist.train.checkpoint.state import (OptimizerState, data_fields, layout_of, restore, shape_fields,
+                                             state_for_dcp)
 from moe_dist.train.checkpoint.store import CheckpointError
 
 
@@ -32,7 +33,7 @@ def _quiet_single_process():
         yield
 
 
-def save(root: str | Path, step: int, model, optimizer, cfg: Config, topo: Topology, keep: int,
+def save(root: str | Path, step: int, model, optimizer: OptimizerState, cfg: Config, topo: Topology, keep: int,
          extra: Optional[dict[str, Any]] = None) -> Path:
     """Write the checkpoint of `step` (every rank calls this: it is a collective); returns its folder."""
     state = state_for_dcp(model, optimizer, topo)
@@ -50,13 +51,13 @@ def save(root: str | Path, step: int, model, optimizer, cfg: Config, topo: Topol
     return store.write(root, step, topo, keep, fill, meta)
 
 
-def load(path: Path, meta: dict[str, Any], model, optimizer, topo: Topology) -> bool:
+def load(path: Path, meta: dict[str, Any], model, optimizer: OptimizerState, topo: Topology) -> bool:
     """Fill model, optimizer state, buffers (and this rank's RNG when the layout is the one saved) in place
     from a verified checkpoint; returns whether the RNG state was restored."""
     same_layout = meta["layout"] == layout_of(topo)
     reader = SafeReader(path)
     stored = reader.read_metadata().state_dict_metadata
-    state = state_for_dcp(model, optimizer, topo, rng=same_layout)
+    state = state_for_dcp(model, optimizer, topo, rng=same_layout, fill=False)
     for key in [k for k in state if k.startswith("rng.") and k not in stored]:
         del state[key]                         # e.g. saved on a CPU machine, resumed on a GPU one
     missing = sorted(k for k in state if k not in stored)
@@ -67,6 +68,7 @@ def load(path: Path, meta: dict[str, Any], model, optimizer, topo: Topology) -> 
         dcp.load(state, storage_reader=reader,
                  planner=ShardLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
                  process_group=topo.world.handle)
+    restore(model, optimizer, state)
     restored = f"rng.cpu.{topo.rank}" in state
     if restored:
         torch.set_rng_state(state[f"rng.cpu.{topo.rank}"])

@@ -2,14 +2,18 @@
 
 Every parameter and its AdamW state (exp_avg, exp_avg_sq, step) as the GLOBAL tensor (sharded ones as
 `ShardView`s), the persistent buffers (the DeepSeek expert bias), one RNG state per rank, and the step (the lr
-schedule and the batcher are pure functions of the step, so the step is their whole state). meta.json records
+schedule and the batcher are pure functions of the step, so the step is their whole state). The optimizer is either a torch optimizer (its per-parameter state is saved in place) or a flat one
+(`moe_dist.train.sharded_optimizer.FlatAdamW`, sharded or with fp32 master weights) that rebuilds the same
+per-parameter tensors for the save and takes them back after the load (`FlatState`): the entries do not depend
+on how the optimizer holds them, so a sharded run's checkpoint loads unsharded and the other way round.
+meta.json records
 the config fields that fix shapes (a mismatch is refused), those that fix the data order (a mismatch is
 reported), and the layout (the RNG state is restored only on the layout it was saved with).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -30,6 +34,21 @@ SHAPE_FIELDS = {
 DATA_FIELDS = {"data": ("path", "val_fraction"), "train": ("seed", "batch_size", "seq_len", "grad_accum_steps")}
 
 
+@runtime_checkable
+class FlatState(Protocol):
+    """An optimizer whose state is not per parameter (flat buckets, shards, fp32 master weights)."""
+
+    def checkpoint_tensors(self, fill: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """Parameter name → {"weight", "exp_avg", "exp_avg_sq", "step"}, each shaped like the parameter (this
+        rank's tp/ep shard); "weight" is the fp32 master. fill=False: zeros for a load to fill (no collective)."""
+
+    def restore_checkpoint_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Take back tensors of `checkpoint_tensors`' form after a load."""
+
+
+OptimizerState = Union[torch.optim.Optimizer, FlatState]
+
+
 def materialize_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Give every parameter AdamW's state (zeros and step 0 before the first step), so that a fresh optimizer
     has tensors for DCP to load into. AdamW then takes its first step from this state exactly as from an
@@ -42,19 +61,27 @@ def materialize_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.O
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def state_for_dcp(model, optimizer, topo: Topology, rng: bool = True) -> dict[str, Any]:
-    """Flat name → tensor (replicated) or ShardView (sharded) for every piece of training state."""
-    materialize_optimizer_state(model, optimizer)
+def state_for_dcp(model, optimizer: OptimizerState, topo: Topology, rng: bool = True,
+                  fill: bool = True) -> dict[str, Any]:
+    """Flat name → tensor (replicated) or ShardView (sharded) for every piece of training state. With a flat
+    optimizer the parameter entries are rebuilt tensors (fill=False: zeros to load into); `restore` puts them
+    back."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        materialize_optimizer_state(model, optimizer)
+        per_param = {name: {"weight": p, **{k: optimizer.state[p][k] for k in ("exp_avg", "exp_avg_sq", "step")}}
+                     for name, p in model.named_parameters()}
+    else:
+        per_param = optimizer.checkpoint_tensors(fill=fill)
     shards = model.param_shards
     out: dict[str, Any] = {}
 
     def put(key: str, t: torch.Tensor, spec: tuple[Shard, ...]) -> None:
         out[key] = ShardView(t.detach(), spec, topo) if spec else t.detach()
 
-    for name, p in model.named_parameters():
+    for name, _ in model.named_parameters():
         spec = shards.get(name, ())
-        st = optimizer.state[p]
-        put(f"model.{name}", p, spec)
+        st = per_param[name]
+        put(f"model.{name}", st["weight"], spec)
         put(f"optim.{name}.exp_avg", st["exp_avg"], spec)
         put(f"optim.{name}.exp_avg_sq", st["exp_avg_sq"], spec)
         out[f"optim.{name}.step"] = st["step"]
@@ -68,6 +95,20 @@ def state_for_dcp(model, optimizer, topo: Topology, rng: bool = True) -> dict[st
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out[f"rng.cuda.{topo.rank}"] = torch.cuda.get_rng_state()
     return out
+
+
+def restore(model, optimizer: OptimizerState, state: dict[str, Any]) -> None:
+    """After a load into `state_for_dcp(..., fill=False)`: hand a flat optimizer its tensors back (a torch
+    optimizer's state was loaded in place)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return
+
+    def local(v):
+        return v.local if isinstance(v, ShardView) else v
+    optimizer.restore_checkpoint_tensors(
+        {name: {"weight": local(state[f"model.{name}"]), "exp_avg": local(state[f"optim.{name}.exp_avg"]),
+                "exp_avg_sq": local(state[f"optim.{name}.exp_avg_sq"]), "step": state[f"optim.{name}.step"]}
+         for name, _ in model.named_parameters()})
 
 
 def shape_fields(cfg: Config) -> dict[str, Any]:
