@@ -7,9 +7,8 @@ The search space, each dimension a config field the trainer reads:
     train.shard_optimizer                    none, states, states+grads
     train.recompute                          none, moe_act, moe, block
     train.batch_size (the micro-batch)       1, 2, 4, 8, where it divides the global batch
-    parallel.pp                              not yet: `PIPELINE_SIZES` is where its sizes go once
-                                             `check_layout` judges them (memory then splits the layers
-                                             over pp, and the step adds `alpha_beta.pipeline_bubble_seconds`)
+    parallel.pp                              not yet: `_layouts` is where its sizes go once the config has
+                                             the field and `check_layout` judges it
 The global batch is held fixed, so every candidate trains the same thing: the config's own
 train.batch_size · train.grad_accum_steps · dp sequences (dp = N / parallel.tp of the config), each candidate
 making it up with grad_accum_steps = global / (micro-batch · its dp). Memory is `plan.memory_per_rank`; time is
@@ -28,14 +27,13 @@ from typing import Any
 
 from moe_dist.bench import alpha_beta as ab
 from moe_dist.config import Config, ConfigError, validate
-from moe_dist.parallel.layout import LayoutError, check_layout
+from moe_dist.parallel.layout import check_layout
 from moe_dist.parallel.topology import ParallelDims
 from moe_dist.plan import Memory, activation_parts, memory_per_rank, memory_terms, param_counts
 
 MICRO_BATCHES = (1, 2, 4, 8)
 SHARD_MODES = ("none", "states", "states+grads")
 RECOMPUTE_MODES = ("none", "moe_act", "moe", "block")
-PIPELINE_SIZES = (1,)          # pipeline stages searched; more once `check_layout` judges parallel.pp
 SHOWN = 5
 # A layout fits when its predicted total stays under (1 - HEADROOM)·SIZE. The rest is for what the estimate
 # leaves out: the CUDA context and the cuBLAS/NCCL workspaces (1-2 GiB), the caching allocator's fragmentation
@@ -110,6 +108,17 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _layouts(world: int):
+    """(tp, ep, etp) with each size dividing the world (ep·etp too); check_layout judges the rest.
+    Pipeline stages join here as the outer loop once the config has `parallel.pp`: each pp dividing the world,
+    these sizes then over world // pp ranks per stage; `memory_per_rank` counts n_layers/pp layers and
+    `alpha_beta.estimate` adds `pipeline_bubble_seconds`."""
+    for tp in _divisors(world):
+        for ep in _divisors(world):
+            for etp in _divisors(world // ep):
+                yield tp, ep, etp
+
+
 def global_batch(cfg: Config, world: int) -> int:
     """Sequences per optimizer step in the config's own layout: batch_size · grad_accum_steps · world/tp."""
     t = cfg.train
@@ -129,12 +138,9 @@ def search(cfg: Config, world: int, limit: int, net: ab.Network = ab.Network(),
                           "with --train.engine=native")
     gb = global_batch(cfg, world)
     res = FitResult(world, limit, gb, usable=int(limit * (1 - HEADROOM)))
-    for _pp in PIPELINE_SIZES:
-        for tp in _divisors(world):
-            for ep in _divisors(world):
-                for etp in (d for d in _divisors(world // ep)):
-                    for mb in MICRO_BATCHES:
-                        _judge(cfg, world, tp, ep, etp, mb, res, net, comp)
+    for tp, ep, etp in _layouts(world):
+        for mb in MICRO_BATCHES:
+            _judge(cfg, world, tp, ep, etp, mb, res, net, comp)
     res.fits.sort(key=lambda c: (c.seconds_per_token, c.memory.total))
     return res
 
@@ -152,7 +158,7 @@ def _judge(cfg: Config, world: int, tp: int, ep: int, etp: int, mb: int, res: Fi
     try:
         validate(base)
         dims = check_layout(base, world)
-    except ConfigError as e:                         # LayoutError included: check_layout's one message
+    except ConfigError as e:                         # a LayoutError too: check_layout's one message
         res.rejected[str(e)] = res.rejected.get(str(e), 0) + n_modes
         return
     res.valid += n_modes
@@ -237,7 +243,7 @@ def format_fit(res: FitResult, title: str, net: ab.Network, comp: ab.Compute) ->
             s, m, e = c.settings(), c.memory, c.step
             out.append(f"  {i:>2} {s['tp']:>3} {s['ep']:>3} {s['etp']:>3} {s['shard_optimizer']:<13}"
                        f"{s['recompute']:<10}{str(s['batch_size']) + '×' + str(s['grad_accum_steps']):>7}"
-                       + "".join(f"{_gib(v)[:-4]:>10}" for v in (m.weights, m.grads, m.optimizer, m.activations,
+                       + "".join(f"{v / 2**30:>10.1f}" for v in (m.weights, m.grads, m.optimizer, m.activations,
                                                                  m.total))
                        + f"{e.step_s:>9.3f}{e.tokens_per_s_per_gpu:>11,.0f}{e.tflops_per_gpu:>9.0f}")
         best = res.fits[0]
@@ -257,7 +263,6 @@ def format_fit(res: FitResult, title: str, net: ab.Network, comp: ab.Compute) ->
 def cmd_fit(cfg: Config, world: int, args) -> int:
     """`plan --fit SIZE`: print the best layouts (or JSON with --json); exit 1 when none fits."""
     limit = parse_size(args.fit)
-    check_layout(cfg, None)        # what holds for any world (bad sizes <1, pad_to_capacity...) fails as usual
     net, comp = ab.Network(), ab.Compute()
     res = search(cfg, world, limit, net, comp)
     print(json.dumps(to_json(res, net, comp), indent=1) if getattr(args, "json", False)
