@@ -221,7 +221,8 @@ def _wandb_run(project: str, out_dir: Path, config: Any, resumed: bool):
     except Exception as e:          # wandb raises several types (no API key, no network, bad project name)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"train.wandb_project={project!r}: wandb could not start a run ({first}); log in with "
-                          "`wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to keep the run on disk") from None
+                          "`wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to keep the run on "
+                          "disk") from None
     tmp = id_file.with_name(id_file.name + ".tmp")
     tmp.write_text(run.id + "\n")
     os.replace(tmp, id_file)

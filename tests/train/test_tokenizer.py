@@ -76,7 +76,8 @@ def _hf_folder(tmp_path: Path) -> Path:
     from tokenizers import processors
     tok = train_bpe(DOCS * 3, 320)
     tok.add_special_tokens(["<s>", "</s>"])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     folder = tmp_path / "model"
     hf.save_pretrained(folder)
