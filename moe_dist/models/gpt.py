@@ -1,5 +1,6 @@
-"""A decoder-only MoE transformer: RMSNorm, rotary causal attention (optionally grouped-query), and an
-MLP that is the MoE layer on the layers `ModelConfig` marks, a dense MLP elsewhere.
+"""A decoder-only MoE transformer: RMSNorm, rotary causal attention (optionally grouped-query, with its own
+head size, q/k/v biases and q/k norms, as the Hugging Face MoE families need), and an MLP that is the MoE layer
+on the layers `ModelConfig` marks, a dense MLP elsewhere.
 Legend: B sequences, S positions, D model dim, V vocabulary, H heads, Hkv key/value heads, Dh head dim.
 """
 from __future__ import annotations
