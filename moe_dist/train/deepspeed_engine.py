@@ -1,6 +1,7 @@
-"""`train.engine: deepspeed`: the same MoEGPT, the same batches and the same step semantics as the native
-`Trainer`, with the optimizer state (ZeRO-1) or the optimizer state and gradients (ZeRO-2) partitioned by
-DeepSpeed (`deepspeed.initialize`).
+"""`train.engine: deepspeed`: the engine (moe_dist.train.engine's interface) that hands backward, gradient
+reduction, clipping and the optimizer step to DeepSpeed (`deepspeed.initialize`), with the optimizer state
+(ZeRO-1) or the optimizer state and gradients (ZeRO-2) partitioned. The `Trainer` loop, the model, the batches
+and the step semantics are the native engine's: `Trainer` builds this engine when train.engine=deepspeed.
 
 What each side does:
 - Our model keeps its own dispatch: tokens reach experts by our all-to-all over the topology's `ep` group.
@@ -14,11 +15,12 @@ What each side does:
   `max_norm / (norm + 1e-6)`: the native rule, tested equal. Stage 0 would clip by a per-rank norm that
   misses the other EP ranks' experts, so at stage 0 we clip with `clip_gradients` ourselves.
 
-Checkpoints (fit saves every checkpoint.every steps, at the end and on SIGTERM, and resumes from `latest`):
-one file per rank under <checkpoint dir>/deepspeed/step_NNNNNN with its model shard and its ZeRO partition,
-published by the same atomic store as the native checkpoints (moe_dist.train.checkpoint.store: meta.json with a
-sha256 manifest, fsync, rename, `latest`, keep-K); resuming needs the same world size, parallel.ep and
-train.zero_stage (see `save_checkpoint`).
+Checkpoints (the Trainer saves every checkpoint.every steps, at the end and on SIGTERM, and resumes from
+`latest`): one file per rank under <checkpoint dir>/deepspeed/step_NNNNNN with its model shard and its ZeRO
+partition, published by the same atomic store as the native checkpoints (moe_dist.train.checkpoint.store:
+meta.json with a sha256 manifest, fsync, rename, `latest`, keep-K), so a truncated or corrupt rank file is named
+on resume and checkpoint.fallback goes back to the previous complete step; resuming needs the same world size,
+parallel.ep and train.zero_stage (see `DeepSpeedEngine.save`).
 
 The generated DeepSpeed JSON (`deepspeed_config`) comes from our config; the user's file
 (`train.deepspeed_config`) overrides it key by key, except the keys that must agree with our config
@@ -28,10 +30,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -42,10 +42,10 @@ from moe_dist.parallel.grads import clip_gradients
 from moe_dist.parallel.topology import Topology
 from moe_dist.train.checkpoint import store
 from moe_dist.train.checkpoint.safe_load import load_weights_only
-from moe_dist.train.checkpoint.state import check_compatible, data_fields, describe_layout, layout_of, shape_fields
+from moe_dist.train.checkpoint.state import data_fields, layout_of, shape_fields
 from moe_dist.train.checkpoint.store import CheckpointError
-from moe_dist.train.data import Batcher
-from moe_dist.train.trainer import StepResult, Trainer, build_optimizer, lr_at
+from moe_dist.train.engine import Engine
+from moe_dist.train.native_engine import ADAMW_BETAS, ADAMW_EPS, adamw_groups, peak_allocated, tensor_bytes
 
 # Keys of the DeepSpeed JSON that our config owns: a user file may repeat them only with the same value.
 _OWNED = {"train_micro_batch_size_per_gpu": "train.batch_size",
@@ -235,91 +235,108 @@ def rank_file_name(rank: int) -> str:
     return f"rank{rank:05d}.pt"
 
 
-class DeepSpeedTrainer(Trainer):
-    """`Trainer`'s interface (fit, train_step, evaluate, history, wall_seconds, model) on a DeepSpeed engine.
-    `fit`, `evaluate` and the global-loss logic are Trainer's; the step is DeepSpeed's."""
+def check_supported(cfg: Config, topo: Topology) -> None:
+    """What this engine refuses, before DeepSpeed starts (so every rank raises the same error at once)."""
+    if cfg.train.on_nonfinite == "skip":
+        raise ConfigError("train.on_nonfinite=skip is not supported with train.engine=deepspeed (a ZeRO step "
+                          "cannot be withdrawn once gradients are reduced into partitions); use "
+                          "train.on_nonfinite=raise or train.engine=native")
+    if topo.tp.size > 1 or topo.etp.size > 1:
+        raise ConfigError(f"train.engine=deepspeed supports expert and data parallelism only "
+                          f"({topo.dims.describe()}); use train.engine=native for tensor parallelism")
 
-    def __init__(self, cfg: Config, topo: Optional[Topology] = None, model: Optional[MoEGPT] = None,
-                 batcher: Optional[Batcher] = None):
+
+def _storage_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
+    """Bytes of the distinct storages behind `tensors` (ZeRO-2's gradients are views into its buffers: each
+    buffer counts once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is not None and t.numel():
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+class DeepSpeedEngine(Engine):
+    """The engine interface on `deepspeed.initialize`: DeepSpeed owns backward, the reductions, ZeRO's global
+    norm and clipping (stage 1/2) and the AdamW step on its partition; at stage 0 this engine clips with the
+    native global norm (see the module docstring). `ds` is DeepSpeed's engine around `model`."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg: Config, topo: Topology, model: MoEGPT):
+        check_supported(cfg, topo)
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-        # Trainer.__init__ is not called: it builds a torch optimizer that DeepSpeed would not own.
-        if cfg.train.on_nonfinite == "skip":
-            raise ConfigError("train.on_nonfinite=skip is not supported with train.engine=deepspeed (a ZeRO step "
-                              "cannot be withdrawn once gradients are reduced into partitions); use "
-                              "train.on_nonfinite=raise or train.engine=native")
-        topo = topo or Topology.single()
-        if topo.tp.size > 1 or topo.etp.size > 1:
-            raise ConfigError(f"train.engine=deepspeed supports expert and data parallelism only "
-                              f"({topo.dims.describe()}); use train.engine=native for tensor parallelism")
-        self._init_run(cfg, topo, model, batcher)     # the native trainer's seed, model, batcher and flags
-        # Per-rank checkpoints of this engine, beside (not among) the native ones: see save_checkpoint.
-        self.checkpoint_root = self.checkpoint_root / "deepspeed"
+        self.cfg, self.topo, self.model = cfg, topo, model
+        self.device = next(model.parameters()).device
         self.ds_config = deepspeed_config(cfg, topo.dp.size)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
-
         # A model without MoE layers is plain data parallelism: no marker (DeepSpeed would then insist on
         # an expert parameter group).
-        has_experts = bool(self.model.expert_parameters())
+        has_experts = bool(model.expert_parameters())
         if has_experts:
-            _tag_expert_parameters(self.model, topo.ep.size)
-        module = _EngineModule(self.model, _expert_groups_module(topo, cfg.moe.num_experts) if has_experts else None)
+            _tag_expert_parameters(model, topo.ep.size)
+        module = _EngineModule(model, _expert_groups_module(topo, cfg.moe.num_experts) if has_experts else None)
         kwargs: dict[str, Any] = {}
         if "optimizer" in self.ds_config:
             # The user's file names DeepSpeed's optimizer; DeepSpeed splits the MoE groups itself.
             kwargs["model_parameters"] = list(module.parameters())
         else:
-            # The native trainer's AdamW groups (decay / no decay), each split into dense and expert groups.
+            # The native engine's AdamW groups (decay / no decay), each split into dense and expert groups.
             # DeepSpeed keys its split by group name; an empty group (no expert vectors) is dropped.
-            named = [{**g, "name": name} for g, name in
-                     zip(build_optimizer(self.model, cfg.train).param_groups, ("decay", "no_decay"))]
+            named = [{**g, "name": name} for g, name in zip(adamw_groups(model, cfg.train), ("decay", "no_decay"))]
             groups = [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]
-            kwargs["optimizer"] = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8)
+            kwargs["optimizer"] = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS)
         _ensure_local_rank(topo)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, config=copy.deepcopy(self.ds_config),
-                                                                 **kwargs)
+        self.ds, _, _, _ = deepspeed.initialize(model=module, config=copy.deepcopy(self.ds_config), **kwargs)
+        self._grad_bytes = 0            # the most gradient storage seen at the end of a step's backward
 
-    def train_step(self, step: int) -> StepResult:
-        t0 = time.perf_counter()
-        t = self.cfg.train
-        self.engine.train()
-        lr = lr_at(step, t)
-        if "scheduler" not in self.ds_config:
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-        outs: list[ModelOutput] = []
-        for micro in range(t.grad_accum_steps):
-            # Micro-batch i of step s reads window set s·accum + i, as the native trainer does.
-            x, y = self.batcher.get_batch(step * t.grad_accum_steps + micro)
-            out: ModelOutput = self.engine(x.to(self.engine.device), y.to(self.engine.device))
-            self.engine.backward(out.loss)      # DeepSpeed divides by accum, as the native trainer does
-            outs.append(out)
-            if micro < t.grad_accum_steps - 1:
-                # DeepSpeed counts micro-batches in step(); off the boundary it neither clips nor updates.
-                self.engine.step()
-        norm = None
+    # ------------------------------------------------------------------------------------------ step
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None) -> ModelOutput:
+        # Through DeepSpeed's engine: it resets ZeRO's per-backward flags and applies its bf16 autocast.
+        return self.ds(idx_BS, targets_BS)
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    def zero_grad(self) -> None:
+        # Nothing to clear: DeepSpeed drops every gradient (ZeRO's partitions and buckets included) at the end
+        # of its optimizer step, and a step that raised ends the run.
+        pass
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The Trainer has divided the loss by train.grad_accum_steps already, so DeepSpeed must not again.
+        self.ds.backward(loss, scale_wrt_gas=False)
+        if not self.ds.is_gradient_accumulation_boundary():
+            # DeepSpeed counts micro-batches in step(); off the boundary it neither clips nor updates. The
+            # last micro-batch's step is `step` below.
+            self.ds.step()
+
+    def reduce_and_clip(self, max_norm: float) -> Optional[float]:
+        self._grad_bytes = max(self._grad_bytes, self._gradient_bytes())
         if self.zero_stage == 0:
             # Gradients are whole and reduced on every rank here; DeepSpeed's stage-0 clip would use a
             # per-rank norm, so the native global norm and rule apply.
-            norm = clip_gradients(self.model, self.topo, t.grad_clip)
-        lm, aux, z = self._global_loss_terms(outs)
-        if not math.isfinite(lm + aux + z + (norm or 0.0)):
-            # on_nonfinite=skip is refused at construction, so this raises naming the router.
-            return self._nonfinite(step, outs, lm, aux, z, norm, lr, t0)
-        self.engine.step()                      # ZeRO: global norm, clip, AdamW on this rank's partition
-        if norm is None:
-            norm = float(self.engine.get_global_grad_norm())   # host sync: computed in step() for the log
-            if not math.isfinite(norm):
-                # DeepSpeed has skipped the update itself (a non-finite norm counts as overflow); the native
-                # trainer raises on a non-finite norm, and so does this engine.
-                return self._nonfinite(step, outs, lm, aux, z, norm, lr, t0)
-        counts, drop_fraction, leaving = self._expert_counts(outs)
-        return StepResult(step=step, loss=lm + aux + z, lm_loss=lm, aux_loss=aux + z, z_loss=z,
-                          drop_fraction=drop_fraction, tokens_per_expert=counts, grad_norm=norm, lr=lr,
-                          seconds=time.perf_counter() - t0,
-                          a2a_rows_out=sum(s.a2a_rows_out for o in outs for s in o.stats),
-                          a2a_rows_leaving=leaving)
+            return clip_gradients(self.model, self.topo, max_norm)
+        return None                     # ZeRO computes the global norm over partitions inside step()
+
+    def step(self, lr: float) -> Optional[float]:
+        if "scheduler" not in self.ds_config:
+            for g in self.ds.optimizer.param_groups:
+                g["lr"] = lr
+        self.ds.step()                  # ZeRO: global norm, clip, AdamW on this rank's partition
+        if self.zero_stage == 0:
+            return None
+        # Host sync: the norm computed inside step(), for the log and the non-finite decision. A non-finite
+        # norm means DeepSpeed skipped the update itself (it counts as an overflow).
+        return float(self.ds.get_global_grad_norm())
+
+    def skip(self) -> None:
+        # Unreachable: check_supported refuses train.on_nonfinite=skip, so a non-finite step raises instead.
+        raise RuntimeError("the DeepSpeed engine cannot withdraw a step (train.on_nonfinite=skip is refused)")
 
     # ------------------------------------------------------------------------------------ checkpoints
     #
@@ -328,61 +345,75 @@ class DeepSpeedTrainer(Trainer):
     # rank saves its model shard and its ZeRO partition (DeepSpeed's optimizer state_dict, fp32 master copy
     # included) into one file, and a resume needs the same world size, parallel.ep and ZeRO stage: partitions
     # are per rank. The folder is published by the native checkpoints' store (same sequence, same meta.json),
-    # so a truncated rank file is reported by name and checkpoint.fallback applies here too.
+    # so a truncated or corrupt rank file is reported by name and checkpoint.fallback applies here too.
+
+    def checkpoint_root(self, root: Path) -> Path:
+        """Beside (not among) the native checkpoints: the two formats do not load into each other."""
+        return root / "deepspeed"
 
     def _layout(self) -> dict[str, int]:
         return {**layout_of(self.topo), "zero_stage": self.zero_stage}
 
-    def save_checkpoint(self, step: int) -> Optional[Path]:
+    def save(self, root: Path, step: int, keep: int) -> Path:
         """Collective: every rank writes its rank file into the folder for `step`; the store publishes it."""
         import deepspeed
 
         def fill(tmp: Path) -> None:
             with store.open_synced(tmp / rank_file_name(self.topo.rank)) as f:
-                torch.save({"model": self.model.state_dict(), "optimizer": self.engine.optimizer.state_dict(),
+                torch.save({"model": self.model.state_dict(), "optimizer": self.ds.optimizer.state_dict(),
                             "rng": torch.get_rng_state()}, f)
 
-        meta = {"engine": "deepspeed", "layout": self._layout(), "shape": shape_fields(self.cfg),
+        meta = {"engine": self.name, "layout": self._layout(), "shape": shape_fields(self.cfg),
                 "data": data_fields(self.cfg), "torch": torch.__version__, "deepspeed": deepspeed.__version__}
-        self.last_checkpoint = store.write(self.checkpoint_root, step, self.topo, self.cfg.checkpoint.keep, fill,
-                                           meta)
-        return self.last_checkpoint
+        return store.write(root, step, self.topo, keep, fill, meta)
 
-    def resume(self) -> int:
-        """Load `latest` per checkpoint.resume; returns the step to continue from (0: a fresh start)."""
-        c = self.cfg.checkpoint
-        if c.resume == "never":
-            return 0
-        found = store.find_on_rank0(self.checkpoint_root, c.fallback, self.topo, say=self._say)
-        if found is None:
-            if c.resume == "must":
-                raise CheckpointError(f"checkpoint.resume=must but {self.checkpoint_root} holds no DeepSpeed "
-                                      "checkpoint; set checkpoint.resume=auto to start fresh")
-            return 0
-        path, meta = found
-        if meta.get("engine") != "deepspeed":
+    def load(self, path: Path, meta: dict[str, Any]) -> bool:
+        """This rank's file of a verified checkpoint of the same layout; the RNG state is always restored."""
+        if meta.get("engine") != self.name:
             raise CheckpointError(f"{path} was not written by train.engine=deepspeed (its meta.json says engine="
                                   f"{meta.get('engine')!r}); point checkpoint.dir at a DeepSpeed run's folder")
         if meta["layout"] != self._layout():
             raise CheckpointError(f"{path} was saved with {meta['layout']} and this run is {self._layout()}: "
                                   "ZeRO partitions are per rank, so resume with the same world size, parallel.ep "
                                   "and train.zero_stage (or set checkpoint.resume=never)")
-        for note in check_compatible(meta, self.cfg, path):
-            self._say(f"checkpoint note: {note}")
         state = load_weights_only(path / rank_file_name(self.topo.rank), allow=_zero_state_classes())
         self.model.load_state_dict(state["model"])
+        optimizer = self.ds.optimizer
         if self.zero_stage == 0:
-            if not isinstance(self.engine.optimizer, torch.optim.Optimizer):     # bf16 wraps it (GPU only)
+            if not isinstance(optimizer, torch.optim.Optimizer):     # bf16 wraps it (GPU only)
                 raise CheckpointError("resuming train.zero_stage=0 with bf16 is not supported by this engine; "
                                       "use train.zero_stage=1 or 2")
-            self.engine.optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(state["optimizer"])
         else:
             # DeepSpeed reads the entry of this data-parallel rank only (a checkpoint of the same layout);
             # the fp32 master partition comes from the file, not from the (possibly bf16) weights.
             mine = [state["optimizer"] if r == self.topo.dp.rank else None for r in range(self.topo.dp.size)]
-            self.engine.optimizer.load_state_dict(mine, load_optimizer_states=True, load_from_fp32_weights=True)
+            optimizer.load_state_dict(mine, load_optimizer_states=True, load_from_fp32_weights=True)
         torch.set_rng_state(state["rng"])
-        self.resumed_from = path
-        self._say(f"resumed from {path} (step {meta['step']}, {describe_layout(meta['layout'])}, "
-                  f"ZeRO-{self.zero_stage})")
-        return int(meta["step"])
+        return True
+
+    # ----------------------------------------------------------------------------------------- memory
+
+    def _gradient_bytes(self) -> int:
+        """Gradient storage alive after the last micro-batch's backward: the parameters' .grad (stage 0 and 1
+        keep whole gradients), ZeRO-2's reduction buckets and this rank's reduced partition."""
+        opt = self.ds.optimizer
+        tensors: list[Optional[torch.Tensor]] = [p.grad for p in self.model.parameters()]
+        for bucket in getattr(opt, "ipg_buckets", {}).values():
+            tensors += list(bucket.buffer)
+        tensors.append(getattr(opt, "grads_in_partition", None))
+        for grads in (getattr(opt, "averaged_gradients", None) or {}).values():
+            tensors += list(grads or [])
+        return _storage_bytes(tensors)
+
+    def memory(self) -> dict[str, int]:
+        """`optimizer`: AdamW's moments over this rank's partition plus ZeRO's fp32 master partition (DeepSpeed
+        keeps that copy even when the weights are fp32); `grads`: the most gradient storage seen at the end of a
+        step's backward (0 before the first step)."""
+        opt = self.ds.optimizer
+        inner = getattr(opt, "optimizer", opt)          # ZeRO and bf16 wrap the torch AdamW; stage 0 fp32 is it
+        moments = [st[k] for st in inner.state.values() for k in ("exp_avg", "exp_avg_sq") if k in st]
+        master = (getattr(opt, "single_partition_of_fp32_groups", None)          # ZeRO-1/2
+                  or getattr(opt, "fp32_groups_flat_partition", None) or [])     # bf16 at stage 0
+        return {"weights": tensor_bytes(self.model.parameters()), "grads": self._grad_bytes,
+                "optimizer": tensor_bytes(moments) + tensor_bytes(master), **peak_allocated(self.device)}

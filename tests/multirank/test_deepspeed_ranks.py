@@ -1,12 +1,13 @@
 """`train.engine: deepspeed` against the native trainer, on gloo CPU ranks (DS_ACCELERATOR=cpu, fp32).
 
-Parity: the same config, seeded weights and batches trained a few steps by the native `Trainer` and by
-`DeepSpeedTrainer` in the same fresh processes (DeepSpeed's expert groups are process-global, so every case
-gets its own spawn) give the same losses, gradient norms, expert counts and parameters, with ZeRO-1 and ZeRO-2
-by default, and its checkpoint's manifest (a truncated rank file named on every rank, then the fallback); with
---run-slow also stage 0 (our own clipping), accumulation, pure data parallelism, EP=2×DP=2 on 4 ranks, DeepSpeed
-groups in another rank order, and checkpoint resume. Clipping is active (a small
-train.grad_clip), so DeepSpeed's global norm is checked against ours. The generated DeepSpeed JSON is in
+Parity: the same config, seeded weights and batches trained a few steps by `Trainer` over the native engine and
+over the DeepSpeed engine (`DeepSpeedEngine`, what train.engine=deepspeed builds) in the same fresh processes
+(DeepSpeed's expert groups are process-global, so every case gets its own spawn) give the same losses, gradient
+norms, expert counts and parameters, with ZeRO-1 and ZeRO-2 by default, and its checkpoint's manifest (a
+truncated and a corrupt rank file named on every rank, then the fallback); with --run-slow also stage 0 (our own
+clipping), accumulation, pure data parallelism, EP=2×DP=2 on 4 ranks, DeepSpeed groups in another rank order,
+and checkpoint resume. Clipping is active (a small train.grad_clip), so DeepSpeed's global norm is checked
+against ours. The generated DeepSpeed JSON is in
 tests/train/test_deepspeed_engine.py, `launch/deepspeed.sh` in tests/system/test_deepspeed_launch.py.
 """
 from __future__ import annotations
@@ -27,15 +28,17 @@ def _both_engines(rank, world, raw):
     """Native trainer, then DeepSpeed, on the same ranks: per-step results and final local parameters."""
     from moe_dist.parallel.layout import check_layout
     from moe_dist.parallel.topology import Topology
-    from moe_dist.train.deepspeed_engine import DeepSpeedTrainer
+    from moe_dist.train.deepspeed_engine import DeepSpeedEngine
+    from moe_dist.train.native_engine import NativeEngine
     from moe_dist.train.trainer import Trainer
     cfg = config.from_dict(raw)
     config.validate(cfg)
     topo = Topology.build(check_layout(cfg, world),
                           timeout_s=60)
     out = {}
-    for name, cls in (("native", Trainer), ("deepspeed", DeepSpeedTrainer)):
-        trainer = cls(cfg, topo=topo)
+    for name, factory in (("native", NativeEngine), ("deepspeed", None)):
+        trainer = Trainer(cfg, topo=topo, engine=factory)      # None: the engine train.engine names
+        assert isinstance(trainer.engine, DeepSpeedEngine if factory is None else NativeEngine)
         init = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         steps = [trainer.train_step(s) for s in range(STEPS)]
         out[name] = {"loss": [s.loss for s in steps], "lm": [s.lm_loss for s in steps],
@@ -45,7 +48,7 @@ def _both_engines(rank, world, raw):
                      "init": init, "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
                      "buffers": {n: b.clone() for n, b in trainer.model.named_buffers() if "expert_bias" in n},
                      "val": trainer.evaluate(2)}
-    out["bucket"] = trainer.engine.zero_reduce_bucket_size()     # the user's file reached DeepSpeed
+    out["bucket"] = trainer.engine.ds.zero_reduce_bucket_size()     # the user's file reached DeepSpeed
     # A router that produces NaN on one rank: every rank raises together, naming that router (no hang).
     if rank == 0:
         with torch.no_grad():
@@ -154,12 +157,12 @@ def test_groups_that_differ_from_ours_are_refused_at_start_up():
 def _fit(rank, world, raw):
     from moe_dist.parallel.layout import check_layout
     from moe_dist.parallel.topology import Topology
-    from moe_dist.train.deepspeed_engine import DeepSpeedTrainer
+    from moe_dist.train.trainer import Trainer
     cfg = config.from_dict(raw)
     config.validate(cfg)
     topo = Topology.build(check_layout(cfg, world),
                           timeout_s=60)
-    trainer = DeepSpeedTrainer(cfg, topo=topo)
+    trainer = Trainer(cfg, topo=topo)
     history = trainer.fit(progress=False)
     return {"steps": [s.step for s in history.steps], "loss": [s.loss for s in history.steps],
             "resumed_from": trainer.resumed_from, "last": trainer.last_checkpoint,
@@ -197,50 +200,74 @@ def test_resume_continues_exactly(tmp_path, tokens, stage):
 # Checkpoints go through the native checkpoints' store: a manifest of the rank files, and a truncated rank
 # file named by rank 0's verification on every rank (then checkpoint.fallback loads the previous step).
 
-def _save_then_truncate(rank, world, raw):
+def _save_then_damage(rank, world, raw):
+    """Save steps 1-3, truncate a rank file of step 3, then flip one byte of a rank file of step 2 (same size:
+    only the sha256 tells) and point `latest` at step 2; resume without and with checkpoint.fallback after
+    each."""
     from moe_dist.parallel.comm import barrier
     from moe_dist.parallel.layout import check_layout
     from moe_dist.parallel.topology import Topology
     from moe_dist.train.checkpoint import CheckpointError
-    from moe_dist.train.deepspeed_engine import DeepSpeedTrainer
+    from moe_dist.train.trainer import Trainer
     cfg = config.from_dict(raw)
     config.validate(cfg)
     topo = Topology.build(check_layout(cfg, world), timeout_s=60)
-    trainer = DeepSpeedTrainer(cfg, topo=topo)
-    trainer.fit(progress=False)                     # saves step_000001 and step_000002 (every=1, keep=2)
+    trainer = Trainer(cfg, topo=topo)
+    trainer.fit(progress=False)                     # saves step_000001..3 (every=1, keep=3)
     folder = trainer.last_checkpoint
     meta = json.loads((folder / "meta.json").read_text())
-    barrier(topo.world)
-    victim = folder / "rank00001.pt"
-    if rank == 0:                                   # rank 1's file, found by rank 0's check
-        victim.write_bytes(victim.read_bytes()[:1000])
-    barrier(topo.world)
+
+    def damage(path, how):
+        barrier(topo.world)
+        if rank == 0:
+            data = path.read_bytes()
+            if how == "truncate":
+                path.write_bytes(data[:1000])
+            else:                                   # the same size, one byte different; `latest` names it
+                mid = len(data) // 2
+                path.write_bytes(data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:])
+                (path.parent.parent / "latest").write_text(path.parent.name + "\n")
+        barrier(topo.world)
+
+    def resume(fallback):
+        trainer.cfg.checkpoint.fallback = fallback
+        try:
+            return trainer.resume(), str(trainer.resumed_from), None
+        except CheckpointError as e:
+            return None, None, str(e)
+
+    out = {"meta": meta, "folder": folder}
     trainer.cfg.checkpoint.resume = "must"          # the run above started fresh; now resume from its folder
-    try:
-        trainer.resume()
-        error = None
-    except CheckpointError as e:
-        error = str(e)
-    trainer.cfg.checkpoint.fallback = True
-    step = trainer.resume()
-    return {"meta": meta, "folder": folder, "victim": str(victim), "error": error, "fallback_step": step,
-            "resumed_from": trainer.resumed_from}
+    out["truncated"] = str(folder / "rank00001.pt")  # rank 1's file, found by rank 0's check
+    damage(folder / "rank00001.pt", "truncate")
+    out["after_truncate"] = {"strict": resume(False), "fallback": resume(True)}
+    out["flipped"] = str(folder.parent / "step_000002" / "rank00000.pt")
+    damage(folder.parent / "step_000002" / "rank00000.pt", "flip")
+    out["after_flip"] = {"strict": resume(False), "fallback": resume(True)}
+    return out
 
 
-def test_save_writes_a_manifest_and_a_truncated_rank_file_is_named(tmp_path, tokens):
+def test_save_writes_a_manifest_and_a_damaged_rank_file_is_named(tmp_path, tokens):
+    from moe_dist.train.checkpoint.store import FORMAT
     raw = tiny(tmp_path, tokens, ep=2, stage=2)
-    raw["train"]["steps"] = 2
-    raw["checkpoint"] = {"dir": str(tmp_path / "ck"), "every": 1, "keep": 2, "resume": "never"}
-    results = run_ranks(_save_then_truncate, 2, raw, timeout=300)
+    raw["checkpoint"] = {"dir": str(tmp_path / "ck"), "every": 1, "keep": 3, "resume": "never"}
+    results = run_ranks(_save_then_damage, 2, raw, timeout=300)
     r = results[0]
-    assert r["folder"] == tmp_path / "ck" / "deepspeed" / "step_000002"
+    ck = tmp_path / "ck" / "deepspeed"
+    assert r["folder"] == ck / "step_000003"
     meta = r["meta"]
-    assert meta["engine"] == "deepspeed" and meta["step"] == 2 and meta["format"] == 1
+    assert meta["engine"] == "deepspeed" and meta["step"] == 3 and meta["format"] == FORMAT
     assert meta["layout"] == {"world": 2, "tp": 1, "ep": 2, "etp": 1, "dp": 2, "edp": 1, "zero_stage": 2}
     assert set(meta["files"]) == {"rank00000.pt", "rank00001.pt"}
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 1000 for f in meta["files"].values())
     for rank, res in enumerate(results):            # every rank raises rank 0's verdict, naming the file
-        assert res["error"] is not None and res["error"].startswith(f"checkpoint {r['folder']} is corrupt: file "
-                                                                   f"{r['victim']} has 1000 bytes"), (rank, res)
-        assert "set checkpoint.fallback=true" in res["error"]
-        assert res["fallback_step"] == 1 and res["resumed_from"].name == "step_000001"
+        step, resumed, error = res["after_truncate"]["strict"]
+        assert step is None and error.startswith(f"checkpoint {ck / 'step_000003'} is corrupt: file "
+                                                 f"{r['truncated']} has 1000 bytes"), (rank, error)
+        assert "set checkpoint.fallback=true" in error
+        assert res["after_truncate"]["fallback"] == (2, str(ck / "step_000002"), None)
+        # A flipped byte keeps the size: the sha256 names the file; the fallback goes one step further back.
+        step, resumed, error = res["after_flip"]["strict"]
+        assert step is None and error.startswith(f"checkpoint {ck / 'step_000002'} is corrupt: file {r['flipped']} "
+                                                 "does not match its sha256"), (rank, error)
+        assert res["after_flip"]["fallback"] == (1, str(ck / "step_000001"), None)

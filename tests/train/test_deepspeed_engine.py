@@ -71,13 +71,21 @@ def test_missing_or_broken_user_file_is_refused(tmp_path):
         deepspeed_config(_cfg(tmp_path, deepspeed_config=str(tmp_path / "bad.json")), dp=2)
 
 
+class _NoBatches:
+    def get_batch(self, i):
+        raise AssertionError("the engine must refuse the config before any step")
+
+
 @pytest.mark.parametrize("section,override,message", [
     ("train", {"on_nonfinite": "skip"}, "train.on_nonfinite=skip is not supported with train.engine=deepspeed"),
 ])
 def test_unsupported_settings_are_refused_before_deepspeed_starts(tmp_path, section, override, message):
-    from moe_dist.train.deepspeed_engine import DeepSpeedTrainer
+    """Through the user's path: Trainer builds the engine train.engine names, which refuses before
+    deepspeed.initialize (no process group exists here, so DeepSpeed starting would fail differently)."""
+    from moe_dist.train.trainer import Trainer
     cfg = _cfg(tmp_path)
+    cfg.parallel.ep = 1                     # one process: the layout must fit a world of 1
     for k, v in override.items():
         setattr(getattr(cfg, section), k, v)
     with pytest.raises(ConfigError, match=message):
-        DeepSpeedTrainer(cfg)
+        Trainer(cfg, batcher=_NoBatches())
