@@ -421,3 +421,60 @@ def test_prune_removes_another_host_s_leftover_only_when_older_than_our_lock(tmp
         newer.mkdir()
         write_step(tmp_path, 3)
         assert newer.is_dir()                 # made while we hold the lock: not ours to judge
+
+
+# ---------------------------------------------------------------- rank files (the DeepSpeed engine's layout)
+
+def _rank_files(step: int):
+    def fill(tmp: Path) -> None:
+        for rank in range(2):
+            with store.open_synced(tmp / f"rank{rank:05d}.pt") as f:
+                torch.save({"model": {"w": torch.full((64,), float(step))}, "rank": rank}, f)
+    return fill
+
+
+def test_a_truncated_rank_file_is_named_and_skipped_with_fallback(tmp_path):
+    write_step(tmp_path, 1, fill=_rank_files(1))
+    second = write_step(tmp_path, 2, fill=_rank_files(2))
+    victim = second / "rank00001.pt"
+    victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {second} is corrupt: file {victim} has 200 "
+                                                        "bytes") + ".*checkpoint.fallback=true"):
+        store.find(tmp_path, fallback=False)
+    said = []
+    path, meta = store.find(tmp_path, fallback=True, say=said.append)
+    assert path.name == "step_000001" and str(victim) in said[0]
+    from moe_dist.train.checkpoint import load_weights_only
+    assert torch.equal(load_weights_only(path / "rank00001.pt")["model"]["w"], torch.full((64,), 1.0))
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("truncate", "failed reading zip archive: failed finding central directory): it is truncated or damaged"),
+    ("empty", "(the file ends before its data): it is truncated or damaged"),
+    ("missing", "(No such file or directory): it is missing"),
+    ("garbage", "refused by weights-only loading (Unsupported operand"),
+])
+def test_weights_only_loading_names_a_damaged_file(tmp_path, damage, expect):
+    """A rank file damaged after it verified (or loaded without verify) is a CheckpointError naming it, not
+    torch's RuntimeError or EOFError."""
+    from moe_dist.train.checkpoint import load_weights_only
+    f = tmp_path / "rank00000.pt"
+    torch.save({"w": torch.ones(256)}, f)
+    data = f.read_bytes()
+    if damage == "truncate":
+        f.write_bytes(data[:len(data) // 2])
+    elif damage == "empty":
+        f.write_bytes(b"")
+    elif damage == "missing":
+        f.unlink()
+    else:
+        f.write_bytes(b"garbage" * 20)
+    with pytest.raises(CheckpointError, match=re.escape(str(f)) + r"[: ].*" + re.escape(expect)):
+        load_weights_only(f)
+
+
+def test_missing_dcp_metadata_is_named(tmp_path):
+    from moe_dist.train.checkpoint.safe_load import SafeReader
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / '.metadata'}: unreadable checkpoint metadata "
+                                                        "(No such file or directory)")):
+        SafeReader(tmp_path).read_metadata()

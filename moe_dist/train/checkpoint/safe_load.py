@@ -49,6 +49,8 @@ class SafeReader(dcp.FileSystemReader):
                 metadata = _MetadataUnpickler(f).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e})") from None
+        except OSError as e:             # missing or unreadable: name the file, not a traceback
+            raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e.strerror or e})") from None
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -57,12 +59,37 @@ class SafeReader(dcp.FileSystemReader):
 
 def load_weights_only(path: Path, allow: Sequence[type] = ()) -> Any:
     """`torch.load` of a `torch.save` file onto the CPU with the weights-only unpickler: tensors, containers
-    and the classes in `allow`, nothing else."""
+    and the classes in `allow`, nothing else. Any file that cannot be loaded raises CheckpointError naming it:
+    refused objects, and a truncated, empty, damaged or missing file."""
     with torch.serialization.safe_globals(list(allow)):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            # torch's message continues with advice on weights_only=False, which is what this function refuses.
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: refused by weights-only loading ({first}); the file holds objects "
-                                  "other than tensors, so it was altered or written by other code") from None
+            # torch's message wraps the reason in advice on weights_only=False, which is what this refuses.
+            reason = _unpickling_reason(str(e))
+            if "GLOBAL" in reason:
+                raise CheckpointError(f"{path}: refused by weights-only loading ({reason}); the file holds objects "
+                                      "other than tensors, so it was altered or written by other code") from None
+            raise CheckpointError(f"{path}: refused by weights-only loading ({reason}); the file is damaged or "
+                                  "was not written by torch.save: restore it or load an earlier checkpoint "
+                                  "(checkpoint.fallback=true)") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            # A truncated zip ('failed finding central directory'), an empty file (EOFError), a missing one.
+            what = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+            state = "it is truncated or damaged"
+            if isinstance(e, OSError):
+                what = e.strerror or what
+                state = "it is missing" if isinstance(e, FileNotFoundError) else "it cannot be read"
+            elif isinstance(e, EOFError):
+                what = "the file ends before its data"
+            raise CheckpointError(f"{path} cannot be loaded ({what}): {state}; restore it or load an earlier "
+                                  "checkpoint (checkpoint.fallback=true)") from None
+
+
+def _unpickling_reason(message: str) -> str:
+    """The line of torch's weights-only error that says what was refused (its other lines are advice)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or ln.lower().startswith("unsupported"):
+            return ln
+    return lines[0] if lines else "unreadable pickle"
