@@ -62,12 +62,13 @@ class NativeEngine(Engine):
         self.cfg, self.topo, self.model = cfg, topo, model
         self.device = next(model.parameters()).device
         self.weights_dtype = weights_dtype or precision.weights_dtype(cfg.train, self.device)
-        precision.cast_parameters_(model, self.weights_dtype)
         self.flat = None
         self.optimizer: Optional[torch.optim.AdamW] = None
         if cfg.train.shard_optimizer != "none" or self.weights_dtype != torch.float32:
             from moe_dist.train.sharded_optimizer import FlatAdamW
+            # FlatAdamW casts the weights itself, after taking their fp32 values as the master.
             self.flat = FlatAdamW(model, topo, cfg.train, shard=cfg.train.shard_optimizer,
+                                  weights_dtype=self.weights_dtype,
                                   **({"bucket_elems": bucket_elems} if bucket_elems else {}))
         else:
             self.optimizer = build_optimizer(model, cfg.train)

@@ -20,9 +20,3 @@ def weights_dtype(t: TrainConfig, device: torch.device) -> torch.dtype:
         return torch.bfloat16
     return torch.float32
 
-
-def cast_parameters_(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Parameters only: buffers keep their dtype (the expert bias and the rotary tables stay fp32)."""
-    for p in model.parameters():
-        if p.dtype != dtype:
-            p.data = p.data.to(dtype)

@@ -93,16 +93,18 @@ def _alone(rank: int) -> Group:
 
 
 class FlatAdamW:
-    """See the module docstring. `shard`: train.shard_optimizer; the weights' dtype is the model's."""
+    """See the module docstring. `shard`: train.shard_optimizer. `weights_dtype`: the dtype the model's
+    parameters get (default: the one they have); the fp32 master starts from their values before the cast."""
 
-    def __init__(self, model, topo: Topology, t: TrainConfig, shard: str = "none", bucket_elems: int = BUCKET_ELEMS):
+    def __init__(self, model, topo: Topology, t: TrainConfig, shard: str = "none", bucket_elems: int = BUCKET_ELEMS,
+                 weights_dtype: Optional[torch.dtype] = None):
         if shard not in ("none", "states", "states+grads"):
             raise ValueError(f"train.shard_optimizer={shard!r}: use none, states or states+grads")
         self.model, self.topo, self.t, self.mode = model, topo, t, shard
         self.sharded = shard != "none"
         self.zero2 = shard == "states+grads"
         first = next(model.parameters())
-        self.device, self.wdtype = first.device, first.dtype
+        self.device, self.wdtype = first.device, weights_dtype or first.dtype
         self.buckets = self._make_buckets(bucket_elems)
         self.steps = {s.name: torch.zeros((), dtype=torch.float32) for b in self.buckets for s in b.slots}
         self._local_names = {s.name for b in self.buckets for s, _, _ in b.segments}
@@ -160,15 +162,17 @@ class FlatAdamW:
         g = shard_group.size
         b = Bucket(kind, group, shard_group, scale, slots, padded=-(-n // g) * g)
         # The weights move into one flat buffer; each parameter becomes a view of its slot.
-        b.weights = torch.zeros(b.padded, dtype=self.wdtype, device=self.device)
+        full = torch.zeros(b.padded, dtype=torch.float32, device=self.device)
         for s in slots:
-            b.weights[s.start:s.start + s.numel].copy_(s.param.detach().reshape(-1))
+            full[s.start:s.start + s.numel].copy_(s.param.detach().reshape(-1))
+        b.weights = full if self.wdtype == torch.float32 else full.to(self.wdtype)
+        for s in slots:
             s.param.data = b.weights[s.start:s.start + s.numel].view(s.param.shape)
         lo, hi = b.lo, b.lo + b.shard
-        if self.wdtype == torch.float32:
-            b.master = b.weights[lo:hi]                      # the rank's slice of the weights is the master
-        else:
-            b.master = b.weights[lo:hi].float()
+        # fp32 weights: the rank's slice of the weights is the master. bf16: an fp32 copy of the values
+        # before the cast (the initialisation is not rounded to bf16).
+        b.master = b.weights[lo:hi] if self.wdtype == torch.float32 else full[lo:hi].clone()
+        del full
         b.exp_avg = torch.zeros(b.shard, dtype=torch.float32, device=self.device)
         b.exp_avg_sq = torch.zeros_like(b.exp_avg)
         if self.zero2:

@@ -22,7 +22,8 @@ BUCKET = 700          # elements: several buckets per kind, shards that start an
 
 
 def _raw(tp, ep, etp, world, accum=1, **moe):
-    raw = tiny(tp, ep, etp, batch_size=G * tp // world // accum, steps=STEPS, **moe)
+    # GlobalBatcher gives every micro-batch G sequences split over dp: batch_size counts one micro-batch.
+    raw = tiny(tp, ep, etp, batch_size=G * tp // world, steps=STEPS, **moe)
     raw["train"].update(grad_accum_steps=accum, weight_decay=0.1, grad_clip=0.05, warmup_steps=0)
     return raw
 

@@ -1,0 +1,71 @@
+"""The engine interface in one process: the engine train.engine names, the memory each engine reports (the
+per-rank formula `plan` models), the memory record of a run, and a run without a validation split."""
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+from moe_dist.train.data import prepare
+from moe_dist.train.engine import Engine, build_engine
+from moe_dist.train.native_engine import NativeEngine
+from moe_dist.train.sharded_optimizer import FlatAdamW
+from moe_dist.train.trainer import Trainer
+from trainer_helpers import RowsBatcher, make_cfg, tiny, tokens
+
+
+def _trainer(tmp_path, engine=None, **train):
+    x, y = tokens(4)
+    cfg = make_cfg(tiny(), out_dir=str(tmp_path / "out"), **train)
+    return Trainer(cfg, batcher=RowsBatcher(x, y, 2), engine=engine)
+
+
+def test_train_engine_native_builds_the_native_engine(tmp_path):
+    plain = _trainer(tmp_path)
+    assert isinstance(plain.engine, NativeEngine) and isinstance(plain.engine, Engine)
+    assert isinstance(plain.optimizer, torch.optim.AdamW) and plain.engine.flat is None
+    sharded = _trainer(tmp_path, shard_optimizer="states")
+    assert isinstance(sharded.engine.flat, FlatAdamW) and sharded.optimizer is None
+    assert type(build_engine(sharded.cfg, sharded.topo, sharded.model)) is NativeEngine
+
+
+@pytest.mark.parametrize("dtype,shard", [(torch.float32, "none"), (torch.bfloat16, "none"),
+                                         (torch.float32, "states"), (torch.float32, "states+grads"),
+                                         (torch.bfloat16, "states+grads")])
+def test_memory_follows_the_formula_on_one_rank(tmp_path, dtype, shard):
+    """One rank (s_d = s_e = 1, no padding): weights w·P, gradients 4·P (+ one bucket for ZeRO-2), optimizer
+    8·P (+ 4·P of fp32 master with bf16 weights)."""
+    trainer = _trainer(tmp_path, engine=functools.partial(NativeEngine, weights_dtype=dtype, bucket_elems=4000),
+                       shard_optimizer=shard)
+    trainer.train_step(0)
+    P = sum(p.numel() for p in trainer.model.parameters())
+    w = 2 if dtype == torch.bfloat16 else 4
+    mem = trainer.engine.memory()
+    assert mem["weights"] == w * P
+    bucket = 4 * max(b.padded for b in trainer.engine.flat.buckets) if shard == "states+grads" else 0
+    assert bucket <= 4 * 4000 + 4 * P // 4      # a bucket holds at most the cap, or one parameter over it
+    assert mem["grads"] == 4 * P + bucket
+    assert mem["optimizer"] == 8 * P + (4 * P if w == 2 else 0)
+    assert "peak_allocated" not in mem           # a GPU figure
+
+
+def test_fit_writes_one_memory_record_and_skips_evaluation_without_a_validation_split(tmp_path, capsys):
+    data = tmp_path / "tok.bin"
+    prepare(None, data, max_bytes=40_000)
+    raw = tiny()
+    raw["data"] = {"path": str(data), "val_fraction": 0.0}
+    cfg = make_cfg(raw, eval_every=1, steps=3, out_dir=str(tmp_path / "run"), shard_optimizer="states+grads")
+    trainer = Trainer(cfg)
+    hist = trainer.fit(progress=False)
+    assert trainer.evaluate(2) is None and hist.evals == []
+    out = capsys.readouterr().out
+    assert out.count("evaluation skipped: no validation split (data.val_fraction=0)") == 1
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [0, 1, 2]
+    assert not [r for r in recs if r["kind"] == "eval"]
+    [mem] = [r for r in recs if r["kind"] == "memory"]
+    assert mem["step"] == 0
+    assert {k: mem[k] for k in ("weights", "grads", "optimizer")} == trainer.engine.memory()
+    assert mem["per_rank"] == [trainer.engine.memory()]
