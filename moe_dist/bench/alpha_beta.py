@@ -44,9 +44,11 @@ TP collectives (`tp_collectives`, counted from the code, not assumed): Megatron 
     dense MLP   w_in copy_to_group (bwd all-reduce) + w_out reduce_from_group (fwd all-reduce)
     MoE layer   split_rows (bwd all-gather of [T, D]) + gather_rows (fwd all-gather of [T, D]); the
                 load-balancing counts (E+1 int64, fwd all-reduce) when balance_over=micro_batch
-under activation checkpointing wo's all-reduce and the counts run again (torch stops the recompute at the
-last tensor saved for backward, before the block's final collective); all of it once per micro-batch; then once per step
-the tp-partial gradients (router, shared experts, fp32) and the gradient norm's tp part (one fp32).
+    qk_norm=full  the q/k sums of squares ([T, 2] fp32), one all-reduce forward and one backward
+under recompute=block wo's and the qk-norm all-reduces and the counts run again, under recompute=moe the counts
+(torch stops the recompute at the last tensor saved for backward, before the block's or the MoE layer's final
+collective); all of it once per micro-batch; then once per step the tp-partial gradients (router, shared experts
+and their gate, per-head q/k norms; fp32) and the gradient norm's tp part (one fp32).
 They are on the critical path (no overlap modelled), over the tp group's link (NVLink while tp ≤ a node).
 
 FLOPs per rank and micro-batch (training = 3x forward; each matmul row costs 2 FLOPs per weight):
@@ -223,19 +225,27 @@ def tp_collectives(cfg: Config, dims: ParallelDims) -> TpCollectives:
     bwd_ar = 2 * m.n_layers + n_dense                                     # wq, wkv, dense w_in
     counts_ar = n_moe if (e.aux_loss_coef > 0 and e.aux_loss_type == "global"
                           and e.balance_over == "micro_batch") else 0
-    # Activation checkpointing (torch's non-reentrant checkpoint, which stops recomputing once the last
-    # tensor saved for backward is back): attention's wo all-reduce and the load-balancing counts rerun; the
-    # block's last collective (dense w_out all-reduce, MoE gather_rows) feeds only the residual add and does not.
-    re_ar = (m.n_layers + counts_ar) if t.recompute == "block" else 0
+    # qk_norm=full: the q and k sums of squares ([T, 2] fp32) are added over tp, once each way per block.
+    qk = m.n_layers if m.qk_norm == "full" else 0
+    qk_bytes = t.batch_size * t.seq_len * 2 * FP32
+    # Recompute (torch's non-reentrant checkpoint, which stops recomputing once the last tensor saved for
+    # backward is back). block: attention's wo all-reduce, the qk-norm all-reduce and the load-balancing
+    # counts rerun; the block's last collective (dense w_out all-reduce, MoE gather_rows) feeds only the
+    # residual add and does not. moe: inside the MoE layer only the counts rerun (gather_rows is its last op).
+    re_wo = m.n_layers if t.recompute == "block" else 0
+    re_qk = qk if t.recompute == "block" else 0
+    re_counts = counts_ar if t.recompute in ("block", "moe") else 0
     micro = t.grad_accum_steps
-    ar_calls = micro * (fwd_ar + counts_ar + re_ar + bwd_ar)
-    ar_bytes = micro * ((fwd_ar + bwd_ar + (m.n_layers if re_ar else 0)) * act
-                        + (counts_ar + (counts_ar if re_ar else 0)) * 8 * (e.num_experts + 1))
+    ar_calls = micro * (fwd_ar + counts_ar + bwd_ar + 2 * qk + re_wo + re_qk + re_counts)
+    ar_bytes = micro * ((fwd_ar + bwd_ar + re_wo) * act + (2 * qk + re_qk) * qk_bytes
+                        + (counts_ar + re_counts) * 8 * (e.num_experts + 1))
     ag_calls = micro * 2 * n_moe                                          # gather_rows fwd, split_rows bwd
     ag_bytes = ag_calls * act
-    # Once per step: tp-partial grads (router E·D, shared experts) in one flat fp32 buffer, and the norm.
+    # Once per step: tp-partial grads (router E·D, shared experts and their gate, per-head q/k norms) in one
+    # flat fp32 buffer, and the norm.
     gate = m.dim if (e.shared_expert_gate and e.num_shared_experts) else 0
     partial = n_moe * (e.num_experts * m.dim + m.dim * _width(_shared_hidden(e), e.activation) + gate)
+    partial += m.n_layers * 2 * head_dim(m) if m.qk_norm == "per_head" else 0
     ar_calls += 2
     ar_bytes += 4 * partial + 4
     return TpCollectives(ar_calls, float(ar_bytes), ag_calls, float(ag_bytes))
