@@ -77,6 +77,21 @@ def test_per_rank_counts_equal_meta_device_model(name, world, tp, ep, etp) -> No
         assert (total, expert) == (want.total, want.expert)
 
 
+@pytest.mark.parametrize("name,extra,world,tp,ep,etp", [
+    ("tiny-cpu", ["--model.head_dim=48"], 4, 2, 2, 1), ("tiny-cpu", ["--model.qkv_bias=true"], 4, 2, 2, 1),
+    ("tiny-cpu", ["--model.qk_norm=per_head"], 4, 2, 1, 2), ("tiny-cpu", ["--model.qk_norm=full"], 4, 2, 2, 1),
+    ("deepseek-tiny", ["--moe.shared_expert_gate=true", "--model.qk_norm=full", "--model.qkv_bias=true"],
+     8, 2, 4, 2)])
+def test_model_feature_counts_equal_meta_device_model(name, extra, world, tp, ep, etp) -> None:
+    cfg = _cfg(name, tp, ep, etp, *extra)
+    dims = ParallelDims(world=world, tp=tp, ep=ep, etp=etp)
+    want = param_counts(cfg, dims)
+    with torch.device("meta"):
+        model = MoEGPT(cfg, Topology.virtual(dims, world - 1))
+    assert (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.expert_parameters())) == (want.total, want.expert)
+
+
 @pytest.mark.parametrize("name,world,tp,ep,etp", LAYOUTS)
 def test_per_rank_counts_add_up_to_the_model(name, world, tp, ep, etp) -> None:
     cfg = _cfg(name, tp, ep, etp)
