@@ -133,3 +133,16 @@ def test_missing_config_and_checkpoint_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint of step 7"):
         _export(tmp_path / "ckpt", tmp_path / "out", family="mixtral", step=7)
     assert not (tmp_path / "out").exists()
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    """tie_word_embeddings: save_pretrained drops lm_head.weight; the import ties, the export drops it again."""
+    hf = random_model("qwen3_moe", tie_word_embeddings=True)
+    _, cfg_path = importer.convert(save(hf, tmp_path / "hf"), tmp_path / "ckpt", say=lambda *a: None)
+    assert config.load(cfg_path).model.tie_embeddings
+    _export(tmp_path / "ckpt", tmp_path / "out")
+    from safetensors import safe_open
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    tok = tokens()
+    torch.testing.assert_close(hf_logits(_load_hf(tmp_path / "out"), tok), hf_logits(hf, tok), atol=ATOL, rtol=0)

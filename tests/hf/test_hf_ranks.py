@@ -1,7 +1,7 @@
-"""Imported Hugging Face models on 2 gloo ranks (all marked slow: each spawns 2 processes, 50 s and more on 2 busy
-cores): under expert parallelism (EP=2) and tensor parallelism (TP=2)
-the logits equal transformers' on the same tokens; `moe-dist train CONFIG --checkpoint.dir=CKPT` under torchrun
-with EP=2 continues from the imported step-0 checkpoint."""
+"""Imported Hugging Face models on 2 gloo ranks: under expert parallelism (EP=2) and tensor parallelism (TP=2) the
+logits equal transformers' on the same tokens; `moe-dist train CONFIG --checkpoint.dir=CKPT` under torchrun with
+EP=2 continues from the imported step-0 checkpoint. All marked slow: each spawns 2 processes (50 s and more on
+2 busy cores)."""
 from __future__ import annotations
 
 import os
