@@ -25,14 +25,15 @@ from moe_dist.models.gpt import is_moe_layer
 from moe_dist.moe.capacity import expert_capacity
 from moe_dist.parallel.layout import check_layout
 from moe_dist.parallel.topology import GROUP_NAMES, ParallelDims
+from moe_dist.train.sharded_optimizer import BUCKET_ELEMS
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 FP32 = 4
 # With train.shard_optimizer=states+grads the full-size fp32 gradient exists for one reduction bucket at a
-# time: backward fills the bucket, it is reduce-scattered into the rank's shard and freed. A bucket holds at
-# least this many elements, and at least the largest single parameter (a parameter is never split across
-# buckets). The native engine must size its buckets the same way for `plan` to match what it allocates.
-REDUCE_BUCKET_ELEMENTS = 2**24
+# time: backward fills the bucket, it is reduce-scattered into the rank's shard and freed. The native engine's
+# buckets hold up to this many elements, or one parameter when it alone is larger (a parameter is never split
+# across buckets); `bucket_elements` bounds the largest from above.
+REDUCE_BUCKET_ELEMENTS = BUCKET_ELEMS
 RECOMPUTE_ORDER = ("none", "moe_act", "moe", "block")     # each keeps less for backward than the one before
 
 
