@@ -178,14 +178,8 @@ def cmd_train(args) -> int:
 def _build_trainer(cfg, topo):
     from moe_dist.errors import classify
     from moe_dist.train.trainer import Trainer
-    engine = Trainer
-    if cfg.train.engine == "deepspeed":
-        # Imported only when asked for: deepspeed is an optional extra and slow to import. Where Trainer drives
-        # the DeepSpeed engine itself there is no DeepSpeedTrainer, and Trainer it is.
-        from moe_dist.train import deepspeed_engine
-        engine = getattr(deepspeed_engine, "DeepSpeedTrainer", Trainer)
     try:
-        return engine(cfg, topo=topo)
+        return Trainer(cfg, topo=topo)       # it builds the engine train.engine names
     except (MemoryError, RuntimeError) as e:
         if classify(e).kind != "memory":
             raise
@@ -252,31 +246,11 @@ def cmd_prepare_data(args) -> int:
         kwargs["tokenizer"] = args.tokenizer
     if args.train_tokenizer is not None:
         kwargs["train_tokenizer"] = args.train_tokenizer
-    try:
-        meta = prepare(args.sources or None, args.out, args.max_bytes, **kwargs)
-    except UnicodeDecodeError as e:
-        raise CommandError("data", _where_not_utf8(args.sources or [], e)) from e
+    meta = prepare(args.sources or None, args.out, args.max_bytes, **kwargs)
     what = meta.get("tokenizer") or "byte"
     print(f"wrote {args.out}: {meta['tokens']:,} tokens ({what}, vocabulary {meta['vocab_size']:,}) from "
           f"{meta['documents']:,} documents ({', '.join(meta['sources'])})")
     return 0
-
-
-def _where_not_utf8(sources: list[str], e: UnicodeDecodeError) -> str:
-    """The first line of a JSONL source that is not UTF-8 (the decoder's error knows neither file nor line)."""
-    from pathlib import Path
-    for source in sources:
-        path = Path(source)
-        if path.suffix != ".jsonl" or not path.is_file():
-            continue
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError as bad:
-                    return (f"{path}:{lineno}: not UTF-8 text (byte 0x{line[bad.start]:02x} at column {bad.start + 1}); "
-                            "re-encode the file as UTF-8 or drop that line")
-    return f"a data source is not UTF-8 text ({e.reason} at byte {e.start} of a chunk); re-encode it as UTF-8"
 
 
 def cmd_params(args) -> int:

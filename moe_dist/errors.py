@@ -112,8 +112,11 @@ def classify(e: BaseException) -> Report:
     import yaml
     if isinstance(e, yaml.YAMLError):
         return Report("config", f"YAML: {_text(e)}; fix the file's syntax", EXIT_BAD_INPUT)
-    from moe_dist.train.checkpoint.store import CheckpointError
-    if isinstance(e, CheckpointError):
+    from moe_dist.train.checkpoint import store
+    save_error = getattr(store, "CheckpointSaveError", ())
+    if save_error and isinstance(e, save_error):        # writing failed (a full disk): the input was fine
+        return Report("checkpoint", _text(e), EXIT_RUNTIME)
+    if isinstance(e, store.CheckpointError):            # an unusable checkpoint
         return Report("checkpoint", _text(e), EXIT_BAD_INPUT)
     dcp = _dcp_failure(e)
     if dcp is not None:
@@ -182,13 +185,21 @@ def _dcp_failure(e: BaseException) -> Optional[Report]:
                   EXIT_RUNTIME)
 
 
+# What a collective that failed in a backend raises when it is not one of torch's DistError types (gloo's
+# timeouts and closed connections come as plain RuntimeErrors).
+_BACKEND_TEXT = ("gloo", "nccl", "connection closed by peer", "connection reset by peer")
+
+
 def _dist_error(e: BaseException) -> Optional[Report]:
     try:
         import torch.distributed as dist
         kinds = tuple(t for t in (getattr(dist, "DistError", None),) if t is not None)
+        from moe_dist.parallel.comm import DesyncError
     except ImportError:                         # pragma: no cover
         return None
-    if kinds and isinstance(e, kinds):
+    if isinstance(e, DesyncError):              # its message says where the ranks parted
+        return Report("distributed", _text(e), EXIT_RUNTIME)
+    if isinstance(e, kinds) or (isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _BACKEND_TEXT)):
         return Report("distributed", f"{_first_line(e)}; another rank failed or the network broke (that rank's "
                       "own output names the cause); raise parallel.timeout_s if the ranks are only slow",
                       EXIT_RUNTIME)
