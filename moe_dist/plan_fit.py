@@ -40,6 +40,10 @@ SHOWN = 5
 # (typically 5-10% of what is allocated) and transient buffers (the logits' gradient, all-to-all receive
 # buffers, the optimizer step's temporaries).
 HEADROOM = 0.10
+# The native engine does not overlap its gradient reduction with backward: none/states reduce after the last
+# micro-batch's backward, and states+grads issues each bucket's reduce-scatter from a backward hook as a blocking
+# collective, which the compute stream waits for. So the whole reduction is on the step's critical path.
+ENGINE_OVERLAPS_GRAD_REDUCTION = False
 EXIT_NOTHING_FITS = 1
 
 _UNITS = {"GiB": 2**30, "GB": 10**9, "MiB": 2**20, "MB": 10**6, "TiB": 2**40, "TB": 10**12}
@@ -167,7 +171,8 @@ def _judge(cfg: Config, world: int, tp: int, ep: int, etp: int, mb: int, res: Fi
         for rc in RECOMPUTE_MODES:
             c = dataclasses.replace(base, train=dataclasses.replace(base.train, shard_optimizer=shard, recompute=rc))
             mem = memory_per_rank(c, dims, params)
-            cand = Candidate(c, dims, mem, ab.estimate(c, dims, net, comp))
+            cand = Candidate(c, dims, mem, ab.estimate(c, dims, net, comp,
+                                                       overlap_dp=ENGINE_OVERLAPS_GRAD_REDUCTION))
             if mem.total <= res.usable:
                 res.fits.append(cand)
             else:
@@ -184,7 +189,8 @@ def constants(net: ab.Network, comp: ab.Compute) -> dict[str, float]:
     return {"dense_gemm_tflops": comp.dense_tflops, "grouped_gemm_tflops": comp.expert_tflops,
             "attention_tflops": comp.attention_tflops, "hbm_tbps": comp.hbm_tbps,
             "memory_bound_efficiency": comp.memory_bound_efficiency, "nvlink_gbps": net.intra_gbps,
-            "infiniband_gbps": net.inter_gbps, "gpus_per_node": net.gpus_per_node}
+            "infiniband_gbps": net.inter_gbps, "gpus_per_node": net.gpus_per_node,
+            "grad_reduction_overlapped": ENGINE_OVERLAPS_GRAD_REDUCTION}
 
 
 def _rejections(res: FitResult) -> list[dict[str, Any]]:
@@ -232,7 +238,8 @@ def format_fit(res: FitResult, title: str, net: ab.Network, comp: ab.Compute) ->
            f"searched {res.considered} candidates: {res.valid} valid layouts, {len(res.fits)} fit",
            "constants: dense GEMM {dense_gemm_tflops:g}, grouped GEMM {grouped_gemm_tflops:g}, attention "
            "{attention_tflops:g} TFLOP/s; HBM {hbm_tbps:g} TB/s × {memory_bound_efficiency:g}; NVLink "
-           "{nvlink_gbps:g} GB/s, InfiniBand {infiniband_gbps:g} GB/s per GPU, {gpus_per_node} GPUs per node"
+           "{nvlink_gbps:g} GB/s, InfiniBand {infiniband_gbps:g} GB/s per GPU, {gpus_per_node} GPUs per node; "
+           "gradient reduction not overlapped with backward (the native engine's)"
            .format(**constants(net, comp)), ""]
     if res.fits:
         out.append(f"best {min(SHOWN, len(res.fits))} (fastest per token first; micro-batch of {seq}-token sequences):")

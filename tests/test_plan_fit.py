@@ -53,6 +53,8 @@ def test_mixtral_8x7b_fits_64_ranks_of_80gib(mixtral_fit_json) -> None:
         assert row["memory_bytes"]["total"] <= j["usable_bytes"]
         assert s["batch_size"] * s["grad_accum_steps"] * s["dp"] == 64
         assert row["step_s"] == pytest.approx(sum(row["step_terms_s"].values()))
+        # The native engine does not overlap its gradient reduction: all of it is on the step.
+        assert row["step_terms_s"]["dp_exposed"] == pytest.approx(row["dp_reduction_total_s"])
         # The memory really is what `plan` says for those settings.
         cfg = config.load(MIXTRAL, row["overrides"].split())
         dims = check_layout(cfg, 64)
@@ -62,6 +64,7 @@ def test_mixtral_8x7b_fits_64_ranks_of_80gib(mixtral_fit_json) -> None:
     # bf16 with a sharded optimizer is what makes it fit: today's unsharded layout needs ~156 GiB.
     assert j["best"][0]["settings"]["shard_optimizer"] != "none"
     assert j["constants"]["dense_gemm_tflops"] == 720 and j["constants"]["infiniband_gbps"] == 50
+    assert j["constants"]["grad_reduction_overlapped"] is False
     reasons = [r["reason"] for r in j["rejected"]]
     assert "model.n_kv_heads=8 is not divisible by parallel.tp=16; choose tp that divides it" in reasons
     assert "moe.num_experts=8 is not divisible by parallel.ep=16; choose ep that divides the expert count" in reasons
@@ -74,7 +77,8 @@ def test_text_report_names_layouts_constants_and_rejections(capsys, mixtral_fit_
     assert "best 5 (fastest per token first" in out
     assert mixtral_fit_json["best"][0]["overrides"] in out
     assert "constants: dense GEMM 720, grouped GEMM 600, attention 300 TFLOP/s; HBM 3.35 TB/s × 0.7; NVLink " \
-           "450 GB/s, InfiniBand 50 GB/s per GPU, 8 GPUs per node" in out
+           "450 GB/s, InfiniBand 50 GB/s per GPU, 8 GPUs per node; gradient reduction not overlapped with " \
+           "backward (the native engine's)" in out
     assert "micro-batch 2 at dp=64: the global batch of 64 sequences is not a multiple of batch_size·dp=128" in out
     assert "model.n_heads=32 is not divisible by parallel.tp=64; choose tp that divides it" in out
 
