@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from distributed import run_ranks
 from moe_dist import config
 from moe_dist.config import Config, ModelConfig, MoEConfig
-from moe_dist.models.gpt import Attention, MoEGPT, count_parameters, rotary_tables
+from moe_dist.models.gpt import Attention, MoEGPT, count_parameters
 from moe_dist.moe.router import Router
 from moe_dist.parallel.grads import reduce_gradients
 from moe_dist.parallel.layout import check_layout
 from moe_dist.parallel.tensor_parallel import global_shape, local_slice
-from moe_dist.parallel.topology import ParallelDims, Topology
+from moe_dist.parallel.topology import Topology
 
 from layer_helpers import D, make_layer
 
