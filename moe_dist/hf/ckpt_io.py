@@ -57,6 +57,20 @@ def config_yaml(cfg: Config, header: str) -> str:
     return "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def empty_model(cfg: Config) -> MoEGPT:
+    """A one-process model with uninitialised weights (no random draw of weights about to be overwritten: for a
+    model of billions of parameters that draw takes minutes). Every parameter must then be filled."""
+    from moe_dist.models.gpt import head_dim, rotary_tables
+    with torch.device("meta"):
+        model = MoEGPT(cfg)
+    model.to_empty(device="cpu")
+    if cfg.model.tie_embeddings:
+        model.head.weight = model.embed.weight     # to_empty gives each module its own tensor: tie them again
+    m = cfg.model
+    model.rope_cos, model.rope_sin = rotary_tables(m.max_seq_len, head_dim(m), m.rope_theta)
+    return model
+
+
 def write_step0(model: MoEGPT, cfg: Config, root: Path, record: dict[str, Any],
                 carried_from: Optional[Path] = None) -> Path:
     """Publish `model` as the step-0 checkpoint under `root` (atomic: the store's tmp folder, rename, `latest`),

@@ -56,7 +56,7 @@ def fill_model(model: torch.nn.Module, rules: list[mapping.Rule], weights: HFWei
 def convert(model_dir: str | Path, out: str | Path, config_out: str | Path | None = None,
             say=print) -> tuple[Path, Path]:
     """Import; returns (checkpoint step folder, config YAML)."""
-    from moe_dist.models.gpt import MoEGPT, count_parameters
+    from moe_dist.models.gpt import count_parameters
     src, root = Path(model_dir), Path(out)
     raw = read_config_json(src)
     where = str(src / "config.json")
@@ -76,8 +76,7 @@ def convert(model_dir: str | Path, out: str | Path, config_out: str | Path | Non
         optional = ("lm_head.weight",)
     check_names_and_shapes(weights.shapes, want, str(src), f"the {fam.name} model config.json describes",
                            optional=optional)
-    torch.manual_seed(cfg.train.seed)
-    model = MoEGPT(cfg)
+    model = ckpt_io.empty_model(cfg)
     fill_model(model, rules, weights)
     record = {"family": fam.name, "source": str(src.resolve()), "config_json": raw}
     path = ckpt_io.write_step0(model, cfg, root, record, carried_from=src)

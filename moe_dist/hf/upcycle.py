@@ -92,7 +92,7 @@ def upcycled_router(D: int, E: int, G: int, std: float, seed: int, layer: int) -
 
 def convert(model_dir: str | Path, out: str | Path, experts: int, top_k: int, granularity: int = 1,
             aux_loss_coef: float = 0.01, config_out: str | Path | None = None, say=print) -> tuple[Path, Path]:
-    from moe_dist.models.gpt import MoEGPT, count_parameters
+    from moe_dist.models.gpt import count_parameters
     src, root = Path(model_dir), Path(out)
     raw = read_config_json(src)
     where = str(src / "config.json")
@@ -124,8 +124,7 @@ def convert(model_dir: str | Path, out: str | Path, experts: int, top_k: int, gr
     weights = HFWeights(src)
     check_names_and_shapes(weights.shapes, want, str(src), f"the dense {mt} model config.json describes",
                            optional=optional)
-    torch.manual_seed(cfg.train.seed)
-    model = MoEGPT(cfg)
+    model = ckpt_io.empty_model(cfg)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for r in rules:
