@@ -242,7 +242,8 @@ def format_fit(res: FitResult, title: str, net: ab.Network, comp: ab.Compute) ->
            "gradient reduction not overlapped with backward (the native engine's)"
            .format(**constants(net, comp)), ""]
     if res.fits:
-        out.append(f"best {min(SHOWN, len(res.fits))} (fastest per token first; micro-batch of {seq}-token sequences):")
+        out.append(f"best {min(SHOWN, len(res.fits))} (fastest per token first; memory in GiB per rank; micro-batches "
+                   f"of {seq}-token sequences × accumulation steps):")
         out.append(f"  {'#':>2} {'tp':>3} {'ep':>3} {'etp':>3} {'shard':<13}{'recompute':<10}{'mb×acc':>7}"
                    f"{'weights':>10}{'grads':>10}{'optim':>10}{'acts':>10}{'total':>10}"
                    f"{'step s':>9}{'tok/s/GPU':>11}{'TFLOP/s':>9}")
@@ -254,7 +255,7 @@ def format_fit(res: FitResult, title: str, net: ab.Network, comp: ab.Compute) ->
                                                                  m.total))
                        + f"{e.step_s:>9.3f}{e.tokens_per_s_per_gpu:>11,.0f}{e.tflops_per_gpu:>9.0f}")
         best = res.fits[0]
-        out += ["", "  (memory in GiB per rank) best layout's overrides:", f"    {best.overrides()}",
+        out += ["", "  the best layout's overrides:", f"    {best.overrides()}",
                 "  its step: " + ", ".join(f"{k} {v:.3f} s" for k, v in best.step.terms().items() if v),
                 "  its memory: " + "; ".join(f"{k} = {v}" for k, v in
                                               memory_terms(best.cfg, best.dims,
@@ -262,8 +263,12 @@ def format_fit(res: FitResult, title: str, net: ab.Network, comp: ab.Compute) ->
     rej = _rejections(res)
     if rej:
         out += ["", "rejected:"]
-        out += [f"  {r['reason']}" + (f"  [{r['candidates']} candidates]" if "candidates" in r else "")
-                for r in rej]
+        out += [f"  {r['reason']}  [{r['candidates']} candidates]" for r in rej if "candidates" in r]
+        # Memory: the layouts closest to fitting (every one of them is in --json).
+        big = sorted((r for r in rej if "needs_bytes" in r), key=lambda r: r["needs_bytes"])
+        out += [f"  {r['reason']}" for r in big[:SHOWN]]
+        if len(big) > SHOWN:
+            out.append(f"  ... and {len(big) - SHOWN} more layouts that need more memory (--json lists them)")
     return "\n".join(out)
 
 
