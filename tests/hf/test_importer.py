@@ -239,3 +239,15 @@ def test_one_training_step_from_an_imported_checkpoint(saved, tmp_path, corpus):
     after = dict(trainer.model.named_parameters())
     changed = [n for n, p in before.named_parameters() if not torch.equal(p, after[n].detach())]
     assert "blocks.1.mlp.experts.w_in_EDF2" in changed and "blocks.1.mlp.shared_gate.weight" in changed
+
+
+def test_train_command_resumes_from_the_import(saved, tmp_path, corpus, capsys):
+    """`moe-dist train CONFIG --checkpoint.dir=CKPT` in one process starts from the imported step 0."""
+    _, cfg_path = _import(saved["olmoe"][1], tmp_path / "ckpt")
+    rc = cli.main(["train", str(cfg_path), f"--checkpoint.dir={tmp_path / 'ckpt'}", f"--data.path={corpus}",
+                   "--train.steps=1", "--train.batch_size=2", "--train.seq_len=16",
+                   f"--train.out_dir={tmp_path / 'run'}", "--train.tensorboard=false", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"resumed from {tmp_path / 'ckpt' / 'step_000000'} (step 0" in out
+    assert (tmp_path / "ckpt" / "step_000001").is_dir()
