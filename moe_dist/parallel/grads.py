@@ -55,10 +55,27 @@ def global_grad_norm(model, topo: Topology) -> float:
             tp_sharded = tp_sharded + sq
         else:
             replicated = replicated + sq
-    parts = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in (replicated, tp_sharded, experts)])
-    tp_part = all_reduce_(parts[1:2].clone(), topo.tp)
-    ex_part = all_reduce_(parts[2:3].clone(), topo.expert_mp)
-    return math.sqrt(float(parts[0] + tp_part[0] + ex_part[0]))   # host sync: the clip factor needs it
+    return norm_from_squares(replicated, tp_sharded, experts, topo)
+
+
+def norm_from_squares(replicated, tp_sharded, experts, topo: Topology, dp_sharded: bool = False) -> float:
+    """The global norm from this rank's sums of squares of three classes of gradient elements: dense ones
+    replicated over tp, dense ones split over tp, expert ones (split over ep×etp). `dp_sharded`: each rank holds
+    only its shard of every gradient (a sharded optimizer: dense over dp, experts over edp), so the shards are
+    summed over those groups first; otherwise the data-parallel copies are equal and taken once."""
+    # On the gradients' device (nccl reduces device tensors only); a class without elements is a Python 0.0.
+    device = next((x.device for x in (replicated, tp_sharded, experts) if isinstance(x, torch.Tensor)), "cpu")
+
+    def t(x):
+        return torch.as_tensor(x, dtype=torch.float32, device=device)
+    dense = torch.stack([t(replicated), t(tp_sharded)])
+    ex = t(experts).reshape(1)
+    if dp_sharded:
+        all_reduce_(dense, topo.dp)
+        all_reduce_(ex, topo.edp)
+    tp_part = all_reduce_(dense[1:2].clone(), topo.tp)
+    ex_part = all_reduce_(ex.clone(), topo.expert_mp)
+    return math.sqrt(float(dense[0] + tp_part[0] + ex_part[0]))   # host sync: the clip factor needs it
 
 
 def clip_gradients(model, topo: Topology, max_norm: float) -> float:

@@ -34,7 +34,6 @@ master weight and moments from the flat shards (all-gathered over the shard grou
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -44,6 +43,7 @@ from torch.optim.adamw import adamw as adamw_functional
 
 from moe_dist.config import TrainConfig
 from moe_dist.parallel.comm import all_gather_into_tensor_, all_reduce_, reduce_scatter_tensor_
+from moe_dist.parallel.grads import norm_from_squares
 from moe_dist.parallel.topology import Group, Topology
 
 BUCKET_ELEMS = 1 << 24          # 16M elements: 64 MiB of fp32 gradient per reduce-scatter
@@ -287,21 +287,13 @@ class FlatAdamW:
         return norm
 
     def _global_norm(self, grads: list[torch.Tensor]) -> float:
-        """Each element once: a shard's squares are summed over its shard group (nothing to sum unsharded);
-        then tp-split dense parameters over tp and experts over ep×etp, as parallel.grads.global_grad_norm."""
-        sq = {"replicated": torch.zeros((), device=self.device), "tp": torch.zeros((), device=self.device),
-              "expert": torch.zeros((), device=self.device)}
+        """Each element once (parallel.grads' rule): sharded, a shard's squares are summed over its group."""
+        sq = {"dense": 0.0, "tp_partial": 0.0, "dense_tp": 0.0, "expert": 0.0}
         for b, g in zip(self.buckets, grads):
-            cls = {"dense": "replicated", "tp_partial": "replicated", "dense_tp": "tp", "expert": "expert"}[b.kind]
-            sq[cls] = sq[cls] + g.float().pow(2).sum()
-        dense = torch.stack([sq["replicated"], sq["tp"]])
-        expert = sq["expert"].reshape(1)
-        if self.sharded:
-            all_reduce_(dense, self.topo.dp)
-            all_reduce_(expert, self.topo.edp)
-        all_reduce_(dense[1:], self.topo.tp)
-        all_reduce_(expert, self.topo.expert_mp)
-        return math.sqrt(float(dense.sum() + expert.sum()))   # host sync: the clip factor needs it
+            sq[b.kind] = sq[b.kind] + g.float().pow(2).sum()
+        # tp-partial parameters are replicated over tp once reduced: counted like replicated dense ones.
+        return norm_from_squares(sq["dense"] + sq["tp_partial"], sq["dense_tp"], sq["expert"], self.topo,
+                                 dp_sharded=self.sharded)
 
     # ------------------------------------------------------------------------------------------ update
 

@@ -80,15 +80,12 @@ def default_device() -> torch.device:
 
 
 class Trainer:
-    # Defaults for subclasses that build their own engine without calling __init__ (DeepSpeedTrainer):
-    # they get the loop, evaluation and SIGTERM handling, and no native checkpoints unless they set these.
-    checkpoint_root: Optional[Path] = None
+    """One loop over any engine (moe_dist.train.engine): `train_step`, `fit` (resume, checkpoints, SIGTERM,
+    evaluation, metrics), `evaluate`."""
     resumed_from: Optional[Path] = None      # the checkpoint folder `fit` resumed from
     stopped_at: Optional[int] = None         # steps done when SIGTERM stopped the run
     last_checkpoint: Optional[Path] = None
     wall_seconds: float = 0.0
-    _stop_requested: bool = False            # set by the SIGTERM handler while `fit` runs
-    _said_no_validation: bool = False
 
     def __init__(self, cfg: Config, model: Optional[MoEGPT] = None, batcher: Optional[Batcher] = None,
                  topo: Optional[Topology] = None, engine: Optional[EngineFactory] = None):
@@ -238,13 +235,13 @@ class Trainer:
     def resume(self) -> int:
         """Load the checkpoint that checkpoint.resume asks for; returns the step to continue from (0: fresh)."""
         c = self.cfg.checkpoint
-        if self.checkpoint_root is None or c.resume == "never":
+        if c.resume == "never":
             return 0
-        found = ckpt.find_on_rank0(self.engine.checkpoint_root(self.checkpoint_root), c.fallback, self.topo,
-                                   say=self._say)
+        root = self.engine.checkpoint_root(self.checkpoint_root)
+        found = ckpt.find_on_rank0(root, c.fallback, self.topo, say=self._say)
         if found is None:
             if c.resume == "must":
-                raise ckpt.CheckpointError(f"checkpoint.resume=must but {self.checkpoint_root} holds no checkpoint; "
+                raise ckpt.CheckpointError(f"checkpoint.resume=must but {root} holds no checkpoint; "
                                            "set checkpoint.resume=auto to start fresh")
             return 0
         path, meta = found
@@ -264,8 +261,6 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Optional[Path]:
         """Collective: every rank calls it with the number of steps done."""
-        if self.checkpoint_root is None:
-            return None
         root = self.engine.checkpoint_root(self.checkpoint_root)
         self.last_checkpoint = self.engine.save(root, step, keep=self.cfg.checkpoint.keep)
         return self.last_checkpoint
@@ -318,7 +313,6 @@ class Trainer:
         tty = progress and sys.stderr.isatty()
         bar = tqdm(total=steps, initial=min(start, steps), disable=not tty, dynamic_ncols=True, desc="train")
         t_start = time.perf_counter()
-        last_saved = start if self.resumed_from else None
         try:
             with self._sigterm_sets_flag():
                 for step in range(start, steps):
@@ -334,13 +328,11 @@ class Trainer:
                         on_step(r)
                     stop = self._agree_to_stop()
                     if stop or (c.every and done % c.every == 0) or done == steps:
-                        if self.save_checkpoint(done):
-                            last_saved = done
+                        self.save_checkpoint(done)
                     if stop:
                         self.stopped_at = done
-                        where = (f"checkpoint {self.last_checkpoint}; run the same command again to resume"
-                                 if last_saved == done else "no checkpoint (this engine does not save)")
-                        self._say(f"\nSIGTERM: stopped after step {done} of {steps}; {where}")
+                        self._say(f"\nSIGTERM: stopped after step {done} of {steps}; checkpoint "
+                                  f"{self.last_checkpoint}; run the same command again to resume")
                         break
         finally:
             bar.close()
@@ -368,8 +360,6 @@ class Trainer:
     def _log_memory(self, log: MetricsLogger, step: int) -> None:
         """One "memory" record after the first step of the run: rank 0's bytes at the top level and every
         rank's under "per_rank" (one all-reduce of a [world, fields] table; a collective, every rank calls it)."""
-        if not isinstance(self.engine, Engine):       # an engine object outside the interface reports nothing
-            return
         mine = self.engine.memory()
         keys = sorted(mine)
         table = torch.zeros(self.topo.dims.world, len(keys), dtype=torch.float64)
