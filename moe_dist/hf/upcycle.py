@@ -107,8 +107,8 @@ def convert(model_dir: str | Path, out: str | Path, experts: int, top_k: int, gr
         families.require_features(families.FAMILIES["qwen2_moe"])
     cfg = moe_config(hc, where, experts, top_k, granularity, aux_loss_coef, qkv_bias)
     cfg.checkpoint.dir = str(root)
-    ckpt_io.refuse_used_root(root)
     cfg_path = Path(config_out) if config_out else ckpt_io.default_config_path(root)
+    ckpt_io.refuse_used_root(root, cfg_path)
     m, E, G = cfg.model, experts, granularity
     D, inter = m.dim, hc.intermediate_size
     # Attention, norms, embeddings: the same tensors as in an MoE family's files (Mixtral's names are Llama's).

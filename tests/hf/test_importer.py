@@ -251,3 +251,22 @@ def test_train_command_resumes_from_the_import(saved, tmp_path, corpus, capsys):
     assert rc == 0, out
     assert f"resumed from {tmp_path / 'ckpt' / 'step_000000'} (step 0" in out
     assert (tmp_path / "ckpt" / "step_000001").is_dir()
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(mixtral_dir, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ConfigError, match="--out='.*taken' is an existing file, not a folder"):
+        _import(mixtral_dir, tmp_path / "taken")
+    assert not (tmp_path / "taken.yaml").exists()
+
+
+def test_bfloat16_weights_import_as_their_fp32_values(tmp_path):
+    """Released models are mostly bf16: the checkpoint holds their exact values in fp32."""
+    hf = random_model("mixtral").to(torch.bfloat16)
+    src = save(hf, tmp_path / "hf")
+    _, cfg_path = _import(src, tmp_path / "ckpt")
+    model, _, _ = ckpt_io.load_weights(tmp_path / "ckpt", config.load(cfg_path))
+    w = model.blocks[1].mlp.experts.w_in_EDF2
+    assert w.dtype == torch.float32
+    want = hf.model.layers[1].mlp.experts.gate_up_proj[2].t().float()     # transformers' fused [gate | up] of expert 2
+    assert torch.equal(w[2], want)
