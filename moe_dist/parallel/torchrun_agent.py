@@ -80,10 +80,11 @@ def check_endpoint(host: str, port: int, nnodes: int, probe_s: float = PROBE_S) 
                        f"so the rendezvous cannot start there; {fix}")
 
 
-def _first_failure(e) -> tuple[int, int, str]:
-    """(exit code, global rank, host) of the first failed worker of a ChildFailedError."""
+def _first_failure(e) -> tuple[int, int]:
+    """(exit code, global rank) of the first failed worker of a ChildFailedError (the others were stopped by the
+    agent after it, with SIGTERM)."""
     rank, failure = e.get_first_failure()
-    return failure.exitcode, rank, failure.hostname
+    return failure.exitcode, rank
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -104,14 +105,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         # The workers got the same signal from the agent and saved (or were killed after --shutdown-timeout).
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        code, rank, host = _first_failure(e)
+        code, rank = _first_failure(e)
         if code > 0:
             return code                  # the worker printed its own `moe-dist:` line
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        return report(CommandError("launch", f"rank {rank} on {host} was killed by {name} without a report (SIGKILL: "
+        return report(CommandError("launch", f"rank {rank} on {socket.gethostname()} was killed by {name} without a report (SIGKILL: "
                                              "often the kernel's out-of-memory killer); see the system log, lower "
                                              "the memory per rank, or start fewer ranks per node", EXIT_RUNTIME))
     except RendezvousError as e:

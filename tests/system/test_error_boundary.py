@@ -289,7 +289,8 @@ def test_a_missing_token_file_is_reported_once_per_node(capsys, tmp_path, monkey
     assert rc == 2 and "Traceback" not in err
     assert len(lines) == (1 if reports else 0)
     if reports:
-        assert "nope.bin" in lines[0] and "moe-dist prepare-data" in lines[0]
+        assert lines[0].startswith("moe-dist: data error: ") and "nope.bin" in lines[0]
+        assert "moe-dist prepare-data" in lines[0]
 
 
 @pytest.mark.parametrize("rank,reports", [(0, True), (1, False), (2, False)])
