@@ -478,3 +478,14 @@ def test_missing_dcp_metadata_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / '.metadata'}: unreadable checkpoint metadata "
                                                         "(No such file or directory)")):
         SafeReader(tmp_path).read_metadata()
+
+
+def test_a_bug_in_the_writer_keeps_its_own_error_and_leaves_nothing_behind(tmp_path):
+    write_step(tmp_path, 1)
+
+    def buggy(tmp: Path) -> None:
+        (tmp / "a.bin").write_bytes(b"partial")
+        raise TypeError("a bug, not the disk")
+    with pytest.raises(TypeError, match="a bug, not the disk"):
+        write_step(tmp_path, 2, fill=buggy)
+    _assert_intact(tmp_path, 2)

@@ -150,6 +150,8 @@ def write(root: str | Path, step: int, topo: Topology, keep: int, fill: Callable
     if any(errors):
         if topo.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if mine is not None and not _is_io_error(mine, tmp):
+            raise mine                 # a bug in the writer, not the disk: its own traceback says more
         rank, what = next((r, e) for r, e in enumerate(errors) if e)
         who = f"rank {rank} " if len(errors) > 1 else ""
         exc = CheckpointSaveError(_save_failed(final, f"{who}writing its files into {tmp}", what, root))
@@ -183,6 +185,15 @@ def _describe(e: BaseException, where: Path) -> str:
         # A path-based torch.save loses the errno altogether ('basic_ios::clear'); an empty disk says it.
         return f"no space left on device ({free} bytes free; the writer reported {what})"
     return what
+
+
+def _is_io_error(e: BaseException, where: Path) -> bool:
+    """Whether a writer's failure came from the filesystem (an OSError anywhere in the chain, or a full disk
+    behind torch's 'unexpected pos'), rather than from a bug in the writer."""
+    if any(isinstance(x, OSError) for x in _chain(e)):
+        return True
+    free = _free_bytes(where)
+    return free is not None and free < (1 << 20)
 
 
 def _chain(e: BaseException) -> Iterator[BaseException]:
