@@ -68,7 +68,7 @@ def convert(model_dir: str | Path, out: str | Path, config_out: str | Path | Non
     cfg_path = Path(config_out) if config_out else ckpt_io.default_config_path(root)
     ckpt_io.refuse_used_root(root, cfg_path)
     weights = HFWeights(src)
-    rules = mapping.rules(fam, cfg)
+    rules = mapping.rules(fam, cfg, fused=mapping.is_fused(weights.shapes))
     want = expected_tensors(rules)
     optional: tuple[str, ...] = ()
     if cfg.model.tie_embeddings:

@@ -63,9 +63,24 @@ def _mlp(ours: str, theirs: str, names: tuple[str, str, str], D: int, F: int) ->
     return [_cat(f"{ours}.w_in.weight", (g, u), ((F, D), (F, D))), _same(f"{ours}.w_out.weight", d, (D, F))]
 
 
-def rules(fam: Family, cfg: Config, dense_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-          ) -> list[Rule]:
-    """Every moe_dist parameter of cfg's model as a function of `fam`'s tensors."""
+def _fused_experts(o: str, b: str, E: int, D: int, F: int) -> list[Rule]:
+    """transformers 5's in-memory layout (save_pretrained(save_original_format=False) writes it): gate_up_proj
+    [E, 2F, D] with rows [gate | up], down_proj [E, D, F]."""
+    return [Rule(f"{o}.mlp.experts.w_in_EDF2", (f"{b}.experts.gate_up_proj",), ((E, 2 * F, D),),
+                 lambda ts: ts[0].transpose(1, 2), lambda t: [t.transpose(1, 2).contiguous()]),
+            Rule(f"{o}.mlp.experts.w_out_EFD", (f"{b}.experts.down_proj",), ((E, D, F),),
+                 lambda ts: ts[0].transpose(1, 2), lambda t: [t.transpose(1, 2).contiguous()])]
+
+
+def is_fused(names) -> bool:
+    """Whether a file set holds the fused expert layout rather than one matrix per expert."""
+    return any(n.endswith(".experts.gate_up_proj") for n in names)
+
+
+def rules(fam: Family, cfg: Config, dense_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+          fused: bool = False) -> list[Rule]:
+    """Every moe_dist parameter of cfg's model as a function of `fam`'s tensors (per-expert files, the format of
+    released checkpoints and of save_pretrained, or with `fused` transformers 5's in-memory layout)."""
     m, moe = cfg.model, cfg.moe
     D, V, E, F = m.dim, m.vocab_size, moe.num_experts, moe.expert_hidden
     Dh = m.head_dim or m.dim // m.n_heads
@@ -86,12 +101,17 @@ def rules(fam: Family, cfg: Config, dense_names: tuple[str, str, str] = ("gate_p
         if not is_moe_layer(m, i):
             out += _mlp(f"{o}.mlp", f"{p}.mlp", dense_names, D, m.dense_hidden)
             continue
-        b = f"{p}.{fam.moe_prefix}"
+        b = f"{p}.mlp" if fused else f"{p}.{fam.moe_prefix}"
         gate, up, down = fam.expert_keys
-        out += [_same(f"{o}.mlp.router.weight_ED", f"{b}.gate.weight", (E, D)),
-                _experts_in(f"{o}.mlp.experts.w_in_EDF2",
-                            [(f"{b}.experts.{e}.{gate}.weight", f"{b}.experts.{e}.{up}.weight") for e in range(E)], D, F),
-                _experts_out(f"{o}.mlp.experts.w_out_EFD", [f"{b}.experts.{e}.{down}.weight" for e in range(E)], D, F)]
+        out.append(_same(f"{o}.mlp.router.weight_ED", f"{b}.gate.weight", (E, D)))
+        if fused:
+            out += _fused_experts(o, b, E, D, F)
+        else:
+            out += [_experts_in(f"{o}.mlp.experts.w_in_EDF2",
+                                [(f"{b}.experts.{e}.{gate}.weight", f"{b}.experts.{e}.{up}.weight")
+                                 for e in range(E)], D, F),
+                    _experts_out(f"{o}.mlp.experts.w_out_EFD", [f"{b}.experts.{e}.{down}.weight" for e in range(E)],
+                                 D, F)]
         if fam.shared_expert:
             Fs = moe.shared_expert_hidden or moe.num_shared_experts * F
             out += _mlp(f"{o}.mlp.shared", f"{b}.shared_expert", ("gate_proj", "up_proj", "down_proj"), D, Fs)

@@ -270,3 +270,16 @@ def test_bfloat16_weights_import_as_their_fp32_values(tmp_path):
     assert w.dtype == torch.float32
     want = hf.model.layers[1].mlp.experts.gate_up_proj[2].t().float()     # transformers' fused [gate | up] of expert 2
     assert torch.equal(w[2], want)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_fused_expert_layout_imports(family, tmp_path):
+    """save_pretrained(save_original_format=False) writes transformers 5's fused experts (gate_up_proj, down_proj)."""
+    hf = random_model(family)
+    src = save(hf, tmp_path / "hf", save_original_format=False)
+    from safetensors import safe_open
+    with safe_open(src / "model.safetensors", framework="pt") as f:
+        assert "model.layers.1.mlp.experts.gate_up_proj" in f.keys()
+    _, cfg_path = _import(src, tmp_path / "ckpt")
+    tok = tokens()
+    torch.testing.assert_close(_ours_logits(tmp_path / "ckpt", cfg_path, tok), hf_logits(hf, tok), atol=ATOL, rtol=0)
