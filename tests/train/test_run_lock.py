@@ -153,9 +153,9 @@ def test_the_trainer_refuses_a_folder_another_process_holds(tmp_path):
     try:
         cfg = make_cfg(tiny(), out_dir=str(out), steps=1)
         x, y = tokens(4)
-        trainer = Trainer(cfg, batcher=RowsBatcher(x, y, 2))
+        # Refused by the preflight probe when the Trainer is built, or at the latest when fit takes the lock.
         with pytest.raises(ConfigError, match=f"pid {p.pid} on host {re.escape(HOST)}"):
-            trainer.fit(progress=False)
+            Trainer(cfg, batcher=RowsBatcher(x, y, 2)).fit(progress=False)
         assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
     finally:
         p.kill()
