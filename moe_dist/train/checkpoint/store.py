@@ -136,24 +136,26 @@ def write(root: str | Path, step: int, topo: Topology, keep: int, fill: Callable
         try:
             tmp.mkdir(parents=True)
         except OSError as e:
-            error = _save_failed(final, f"creating {tmp}", e, root)
+            error = _save_failed(final, f"creating {tmp}", _describe(e, root), root)
     tmp, error = broadcast_from_rank0((tmp, error), topo)
     if error:
         raise CheckpointSaveError(error)
-    mine = None
+    mine, described, io = None, None, True
     try:
         fill(tmp)
     except (Exception, CheckpointException) as e:      # DCP's CheckpointException is a BaseException
-        mine = e
+        # Judged before the folder is removed: removing it frees the space that tells a full disk.
+        mine, described, io = e, _describe(e, tmp), _is_io_error(e, tmp)
     # Doubles as the barrier: every rank's files are complete (or failed) before rank 0 goes on.
-    errors = _gather_errors(None if mine is None else _describe(mine, tmp), topo)
+    errors = _gather_errors(described, topo)
     if any(errors):
         if topo.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if mine is not None and not _is_io_error(mine, tmp):
+        if not io:
             raise mine                 # a bug in the writer, not the disk: its own traceback says more
         rank, what = next((r, e) for r, e in enumerate(errors) if e)
-        who = f"rank {rank} " if len(errors) > 1 else ""
+        # DCP hands every rank the same error (naming the rank that failed): then no rank is singled out.
+        who = f"rank {rank} " if len({e for e in errors}) > 1 else ""
         exc = CheckpointSaveError(_save_failed(final, f"{who}writing its files into {tmp}", what, root))
         raise exc from mine
     error = None
@@ -173,13 +175,14 @@ def write(root: str | Path, step: int, topo: Topology, keep: int, fill: Callable
 def _describe(e: BaseException, where: Path) -> str:
     """What went wrong, in words: 'no space left on device' when a full disk is anywhere in the chain (torch
     turns it into 'unexpected pos N vs M' and keeps the OSError as the context; DCP wraps each rank's error
-    in a CheckpointException), else the first line of the error."""
+    in a CheckpointException, whose failing ranks are named), else the first line of the error."""
+    ranks = f" (on rank {', '.join(map(str, sorted(e.failures)))})" if isinstance(e, CheckpointException) else ""
     for exc in _chain(e):
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+            return ("no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded") + ranks
     innermost = next((x for x in _chain(e) if not isinstance(x, CheckpointException)), e)
     text = str(innermost).strip().splitlines()
-    what = f"{type(innermost).__name__}: {text[0] if text else ''}"
+    what = f"{type(innermost).__name__}: {text[0] if text else ''}{ranks}"
     free = _free_bytes(where)
     if free is not None and free < (1 << 20):
         # A path-based torch.save loses the errno altogether ('basic_ios::clear'); an empty disk says it.
