@@ -136,7 +136,7 @@ def write(root: str | Path, step: int, topo: Topology, keep: int, fill: Callable
         try:
             tmp.mkdir(parents=True)
         except OSError as e:
-            error = _save_failed(final, f"creating {tmp}", _describe(e, root), root)
+            error = _save_failed(final, f"creating {tmp}", describe_error(e, root), root)
     tmp, error = broadcast_from_rank0((tmp, error), topo)
     if error:
         raise CheckpointSaveError(error)
@@ -145,7 +145,7 @@ def write(root: str | Path, step: int, topo: Topology, keep: int, fill: Callable
         fill(tmp)
     except (Exception, CheckpointException) as e:      # DCP's CheckpointException is a BaseException
         # Judged before the folder is removed: removing it frees the space that tells a full disk.
-        mine, described, io = e, _describe(e, tmp), _is_io_error(e, tmp)
+        mine, described, io = e, describe_error(e, tmp), _is_io_error(e, tmp)
     # Doubles as the barrier: every rank's files are complete (or failed) before rank 0 goes on.
     errors = _gather_errors(described, topo)
     if any(errors):
@@ -164,7 +164,7 @@ def write(root: str | Path, step: int, topo: Topology, keep: int, fill: Callable
             _publish(root, tmp, final, {"format": FORMAT, "step": step, **meta}, keep)
         except OSError as e:           # e.g. a full disk: every rank must learn it, not wait in a barrier
             shutil.rmtree(tmp, ignore_errors=True)
-            error = _save_failed(final, "publishing it", _describe(e, root), root)
+            error = _save_failed(final, "publishing it", describe_error(e, root), root)
     # Rank 0's outcome doubles as the closing barrier: no rank returns before the folder is published.
     error = broadcast_from_rank0(error, topo)
     if error:
@@ -172,8 +172,8 @@ def write(root: str | Path, step: int, topo: Topology, keep: int, fill: Callable
     return final
 
 
-def _describe(e: BaseException, where: Path) -> str:
-    """What went wrong, in words: 'no space left on device' when a full disk is anywhere in the chain (torch
+def describe_error(e: BaseException, where: Path) -> str:
+    """What a failed write or read of checkpoint files under `where` ran into, in one line for a message: 'no space left on device' when a full disk is anywhere in the chain (torch
     turns it into 'unexpected pos N vs M' and keeps the OSError as the context; DCP wraps each rank's error
     in a CheckpointException, whose failing ranks are named), else the first line of the error."""
     ranks = f" (on rank {', '.join(map(str, sorted(e.failures)))})" if isinstance(e, CheckpointException) else ""
