@@ -85,6 +85,12 @@ def write_step0(model: MoEGPT, cfg: Config, root: Path, record: dict[str, Any],
     root.mkdir(parents=True, exist_ok=True)
     # The native engine writes it, so the checkpoint is exactly what training writes (fp32 weights, zero moments).
     engine = NativeEngine(cfg, Topology.single(), model, weights_dtype=torch.float32)
+    # Zero moments as stride-0 views of one zero: no memory until DCP writes each one (it copies a view whose
+    # storage is smaller than the tensor, one tensor at a time), so the peak stays near the weights' size.
+    zero = torch.zeros((), dtype=torch.float32)
+    for p in model.parameters():
+        engine.optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": zero.expand_as(p),
+                                     "exp_avg_sq": zero.expand_as(p)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         path = engine.save(root, 0, keep=cfg.checkpoint.keep)

@@ -283,3 +283,17 @@ def test_fused_expert_layout_imports(family, tmp_path):
     _, cfg_path = _import(src, tmp_path / "ckpt")
     tok = tokens()
     torch.testing.assert_close(_ours_logits(tmp_path / "ckpt", cfg_path, tok), hf_logits(hf, tok), atol=ATOL, rtol=0)
+
+
+def test_checkpoint_holds_zero_moments_at_step_0(mixtral_dir, tmp_path):
+    """The optimizer state a resume loads is AdamW's starting state: zero moments, step 0."""
+    from moe_dist.train.trainer import Trainer
+    _, cfg_path = _import(mixtral_dir, tmp_path / "ckpt")
+    cfg = config.load(cfg_path, [f"--train.out_dir={tmp_path / 'run'}", "--train.seq_len=16"])
+    trainer = Trainer(cfg, batcher=GlobalBatcher(G, 16, 0, 1))
+    assert trainer.resume() == 0
+    states = list(trainer.optimizer.state.values())
+    assert len(states) == len(list(trainer.model.parameters()))
+    for st in states:
+        assert float(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+        assert st["exp_avg"].stride() != (0,) * st["exp_avg"].dim() or st["exp_avg"].numel() <= 1
