@@ -63,7 +63,9 @@ def _holder_text(path: Path) -> dict:
 def _in_use(folder: Path, path: Path, field: str, holder: dict) -> ConfigError:
     pid, host = holder.get("pid", "unknown"), holder.get("host", "unknown")
     since = holder.get("started")
-    when = f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if isinstance(since, (int, float)) else ""
+    when = ""
+    if isinstance(since, (int, float)):
+        when = f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
     return ConfigError(f"{folder} is in use by another run (pid {pid} on host {host}{when}; lock file {path}): "
                        f"two runs in one folder corrupt each other's checkpoints and metrics; wait for it to "
                        f"finish, choose another {field}, or delete the lock file if that run is gone")

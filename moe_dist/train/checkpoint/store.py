@@ -173,9 +173,10 @@ def write(root: str | Path, step: int, topo: Topology, keep: int, fill: Callable
 
 
 def describe_error(e: BaseException, where: Path) -> str:
-    """What a failed write or read of checkpoint files under `where` ran into, in one line for a message: 'no space left on device' when a full disk is anywhere in the chain (torch
-    turns it into 'unexpected pos N vs M' and keeps the OSError as the context; DCP wraps each rank's error
-    in a CheckpointException, whose failing ranks are named), else the first line of the error."""
+    """What a failed write or read of checkpoint files under `where` ran into, in one line for a message:
+    'no space left on device' when a full disk is anywhere in the chain (torch turns it into 'unexpected pos N
+    vs M' and keeps the OSError as the context; DCP wraps each rank's error in a CheckpointException, whose
+    failing ranks are named), else the first line of the error."""
     ranks = f" (on rank {', '.join(map(str, sorted(e.failures)))})" if isinstance(e, CheckpointException) else ""
     for exc in _chain(e):
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
