@@ -294,7 +294,7 @@ def test_a_full_disk_is_reported_and_the_previous_checkpoint_stays(tmp_path, fil
 
 def test_a_full_disk_under_dcp_save_is_reported(tmp_path, monkeypatch):
     """The real DCP path (dcp_io.save): the shard file's fsync fails with ENOSPC inside DCP's writer."""
-    from checkpoint_helpers import make_cfg, tiny
+    from checkpoint_helpers import build_topo, make_cfg, tiny
     from moe_dist.models.gpt import MoEGPT
     from moe_dist.train.checkpoint import dcp_io
     from moe_dist.train.trainer import build_optimizer
@@ -361,24 +361,61 @@ def _one_rank_fails(rank, world, root):
     def fill(tmp):
         with _store.open_synced(Path(tmp) / f"rank{rank}.bin") as f:
             f.write(b"x" * 100)
-    _store.write(root, 1, topo, 3, fill, {"engine": "test"})
+    plain = Path(root) / "plain"
+    _store.write(plain, 1, topo, 3, fill, {"engine": "test"})
 
     def fails_on_rank1(tmp):
         if rank == 1:
             raise OSError(_errno.ENOSPC, "No space left on device")
         fill(tmp)
+    out = {}
     try:
-        _store.write(root, 2, topo, 3, fails_on_rank1, {"engine": "test"})
+        _store.write(plain, 2, topo, 3, fails_on_rank1, {"engine": "test"})
+    except _store.CheckpointSaveError as e:
+        out["plain"] = str(e)
+    out["dcp"] = _dcp_save_fails_on_rank1(rank, world, Path(root) / "dcp")
+    return out
+
+
+def _dcp_save_fails_on_rank1(rank, world, root):
+    """A real 2-rank DCP save whose rank-1 shard hits a full disk: DCP gathers the error to every rank."""
+    import errno as _errno
+    import os as _os
+
+    from checkpoint_helpers import build_topo, make_cfg, tiny
+    from moe_dist.models.gpt import MoEGPT
+    from moe_dist.train.checkpoint import dcp_io
+    from moe_dist.train.checkpoint import store as _store
+    from moe_dist.train.trainer import build_optimizer
+    cfg = make_cfg(tiny(ep=2, ckpt_dir=str(root)))
+    topo = build_topo(cfg, world)
+    model = MoEGPT(cfg, topo)
+    opt = build_optimizer(model, cfg.train)
+    dcp_io.save(root, 1, model, opt, cfg, topo, keep=3)
+    real_fsync = _os.fsync
+
+    def fsync(fd):
+        if rank == 1 and _os.readlink(f"/proc/self/fd/{fd}").endswith(".distcp"):
+            raise OSError(_errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+    _os.fsync = fsync
+    try:
+        dcp_io.save(root, 2, model, opt, cfg, topo, keep=3)
     except _store.CheckpointSaveError as e:
         return str(e)
+    finally:
+        _os.fsync = real_fsync
     return "no error"
 
 
 def test_one_rank_out_of_space_fails_every_rank_without_a_hang(tmp_path):
-    msgs = run_ranks(_one_rank_fails, 2, str(tmp_path), timeout=240, collective_timeout_s=30)
-    for msg in msgs:
-        assert "rank 1 writing its files into" in msg and "no space left on device" in msg, msgs
-    _assert_intact(tmp_path, 2)
+    results = run_ranks(_one_rank_fails, 2, str(tmp_path), timeout=300, collective_timeout_s=30)
+    for r in results:
+        assert "rank 1 writing its files into" in r["plain"] and "no space left on device" in r["plain"], results
+        assert r["dcp"].startswith(f"checkpoint {tmp_path / 'dcp' / 'step_000002'} was not saved: no space left on "
+                                   "device (on rank 1) while writing its files into"), results
+    _assert_intact(tmp_path / "plain", 2)
+    _assert_intact(tmp_path / "dcp", 2)
 
 
 # ------------------------------------------------------------------------------------ temporary folders
