@@ -107,7 +107,6 @@ def export(checkpoint: str | Path, out: str | Path, config_path: Optional[str] =
     record = ckpt_io.read_record(root)
     cfg = load_config(root, config_path, record)
     fam = choose_family(cfg, family, record)
-    families.require_features(fam)
     hf_cfg = build_hf_config(fam, cfg, record, dtype)
     shard_bytes = parse_size(max_shard_size)
     from moe_dist.train.checkpoint import CheckpointError

@@ -34,17 +34,15 @@ class Family:
     expert_keys: tuple[str, str, str]    # (gate, up, down) projection names of one routed expert
     shared_expert: bool         # Qwen2-MoE: a shared expert with a sigmoid gate
     qk_norm: str                # moe_dist model.qk_norm the family uses
-    features: tuple[str, ...]   # moe_dist config fields the family needs beyond the base model
 
 
 FAMILIES = {f.name: f for f in [
-    Family("mixtral", "mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"), False, "none", ()),
+    Family("mixtral", "mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"), False, "none"),
     Family("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), True,
-           "none", ("model.qkv_bias", "moe.shared_expert_gate")),
+           "none"),
     Family("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), False,
-           "per_head", ("model.head_dim", "model.qk_norm")),
-    Family("olmoe", "olmoe", "OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), False, "full",
-           ("model.qk_norm",)),
+           "per_head"),
+    Family("olmoe", "olmoe", "OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), False, "full"),
 ]}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 SUPPORTED = ", ".join(f"{f.name} ({f.architecture})" for f in FAMILIES.values())
@@ -72,33 +70,6 @@ def family_of(raw: dict[str, Any], where: str) -> Family:
     why = KNOWN_UNSUPPORTED.get(mt, "moe_dist has no mapping for it")
     raise ConfigError(f"{where}: model_type {mt!r} ({arch}) is not supported ({why}); supported families: "
                       f"{SUPPORTED}")
-
-
-def model_features_missing(fam: Family) -> list[str]:
-    """The moe_dist config fields a family needs that this version's model ignores. Probed, not assumed: a tiny
-    model with the field set must differ in its parameters from one without it."""
-    from moe_dist.models.gpt import MoEGPT
-
-    def shapes(**changes) -> dict[str, tuple]:
-        cfg = Config(model=ModelConfig(vocab_size=8, dim=8, n_layers=1, n_heads=2, max_seq_len=4, dense_hidden=4),
-                     moe=MoEConfig(num_experts=2, top_k=1, expert_hidden=4, num_shared_experts=1))
-        for key, value in changes.items():
-            sec, name = key.split(".")
-            setattr(getattr(cfg, sec), name, value)
-        return {n: tuple(p.shape) for n, p in MoEGPT(cfg).named_parameters()}
-
-    probes = {"model.qkv_bias": True, "moe.shared_expert_gate": True, "model.head_dim": 8,
-              "model.qk_norm": "full" if fam.qk_norm == "none" else fam.qk_norm}
-    base = shapes()
-    return [f for f in fam.features if shapes(**{f: probes[f]}) == base]
-
-
-def require_features(fam: Family) -> None:
-    missing = model_features_missing(fam)
-    if missing:
-        raise ConfigError(f"the {fam.name} family needs {', '.join(missing)}, which this version of moe_dist's "
-                          f"model does not compute yet; families available now: "
-                          + ", ".join(f.name for f in FAMILIES.values() if not model_features_missing(f)))
 
 
 # ----------------------------------------------------------------------------------------- config.json -> ours

@@ -61,7 +61,6 @@ def convert(model_dir: str | Path, out: str | Path, config_out: str | Path | Non
     raw = read_config_json(src)
     where = str(src / "config.json")
     fam = families.family_of(raw, where)
-    families.require_features(fam)
     hc = families.hf_config_object(raw, where)
     cfg = families.to_config(fam, hc, where)
     cfg.checkpoint.dir = str(root)

@@ -103,8 +103,6 @@ def convert(model_dir: str | Path, out: str | Path, experts: int, top_k: int, gr
                           f"{', '.join(sorted(families.DENSE_FAMILIES))}")
     hc = families.hf_config_object(raw, where)
     qkv_bias = dense_checks(hc, mt, where)
-    if qkv_bias:
-        families.require_features(families.FAMILIES["qwen2_moe"])
     cfg = moe_config(hc, where, experts, top_k, granularity, aux_loss_coef, qkv_bias)
     cfg.checkpoint.dir = str(root)
     cfg_path = Path(config_out) if config_out else ckpt_io.default_config_path(root)
