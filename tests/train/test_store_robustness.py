@@ -294,7 +294,7 @@ def test_a_full_disk_is_reported_and_the_previous_checkpoint_stays(tmp_path, fil
 
 def test_a_full_disk_under_dcp_save_is_reported(tmp_path, monkeypatch):
     """The real DCP path (dcp_io.save): the shard file's fsync fails with ENOSPC inside DCP's writer."""
-    from checkpoint_helpers import build_topo, make_cfg, tiny
+    from checkpoint_helpers import make_cfg, tiny
     from moe_dist.models.gpt import MoEGPT
     from moe_dist.train.checkpoint import dcp_io
     from moe_dist.train.trainer import build_optimizer
