@@ -235,15 +235,14 @@ def rank_file_name(rank: int) -> str:
     return f"rank{rank:05d}.pt"
 
 
-def check_supported(cfg: Config, topo: Topology) -> None:
-    """What this engine refuses, before DeepSpeed starts (so every rank raises the same error at once)."""
+def check_supported(cfg: Config) -> None:
+    """What this engine refuses, before DeepSpeed starts (so every rank raises the same error at once). Tensor
+    parallelism is refused by the one layout check (moe_dist.parallel.layout.check_layout), which the Trainer
+    runs before it builds any engine."""
     if cfg.train.on_nonfinite == "skip":
         raise ConfigError("train.on_nonfinite=skip is not supported with train.engine=deepspeed (a ZeRO step "
                           "cannot be withdrawn once gradients are reduced into partitions); use "
                           "train.on_nonfinite=raise or train.engine=native")
-    if topo.tp.size > 1 or topo.etp.size > 1:
-        raise ConfigError(f"train.engine=deepspeed supports expert and data parallelism only "
-                          f"({topo.dims.describe()}); use train.engine=native for tensor parallelism")
 
 
 def _storage_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
@@ -265,7 +264,7 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, cfg: Config, topo: Topology, model: MoEGPT):
-        check_supported(cfg, topo)
+        check_supported(cfg)
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 

@@ -89,7 +89,8 @@ def _records(out_dir: Path) -> dict:
 
 
 def _close(measured: float, predicted: float, what: str) -> None:
-    assert abs(measured - predicted) <= TOL * predicted, f"{what}: measured {measured:,.0f} B, predicted {predicted:,.0f} B"
+    assert abs(measured - predicted) <= TOL * predicted, (f"{what}: measured {measured:,.0f} B, "
+                                                          f"predicted {predicted:,.0f} B")
 
 
 def _run(tmp_path, corpus, runs):
