@@ -82,3 +82,15 @@ def test_train_command_continues_from_an_import_under_ep2(tmp_path, corpus):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {tmp_path / 'ckpt' / 'step_000000'} (step 0" in r.stdout
     assert (tmp_path / "ckpt" / "step_000002").is_dir()
+    # The checkpoint the two ranks wrote exports; transformers computes what moe_dist does in one process.
+    from moe_dist import config
+    from moe_dist.hf import ckpt_io, exporter
+    from transformers import AutoModelForCausalLM
+    exporter.export(tmp_path / "ckpt", tmp_path / "out", say=lambda *a: None)
+    model, _, step = ckpt_io.load_weights(tmp_path / "ckpt", config.load(cfg_path))
+    assert step == 2
+    tok = tokens()
+    with torch.no_grad():
+        want = model.eval()(tok).logits
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
+    torch.testing.assert_close(hf_logits(back, tok), want, atol=ATOL, rtol=0)

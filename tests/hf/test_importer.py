@@ -97,6 +97,25 @@ def test_torch_bin_reads_weights_only(tmp_path):
     torch.testing.assert_close(_ours_logits(tmp_path / "ckpt", cfg_path, tok), hf_logits(hf, tok), atol=ATOL, rtol=0)
 
 
+def test_sharded_torch_bin_index(tmp_path):
+    hf = random_model("qwen2_moe")
+    src = save(hf, tmp_path / "hf")
+    sd = _to_bin(src)
+    (src / "pytorch_model.bin").unlink()
+    names = sorted(sd)
+    parts = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for fname, keys in parts.items():
+        torch.save({k: sd[k] for k in keys}, src / fname)
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: f for f, keys in parts.items() for k in keys}}))
+    _, cfg_path = _import(src, tmp_path / "ckpt")
+    tok = tokens()
+    torch.testing.assert_close(_ours_logits(tmp_path / "ckpt", cfg_path, tok), hf_logits(hf, tok), atol=ATOL, rtol=0)
+    (src / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(ConfigError, match="lists pytorch_model-00002-of-00002.bin, which .* lacks; download every shard"):
+        _import(src, tmp_path / "ckpt2")
+
+
 class _Exploit:
     def __reduce__(self):
         return (print, ("code ran",))
