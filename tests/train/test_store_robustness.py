@@ -527,3 +527,21 @@ def test_a_bug_in_the_writer_keeps_its_own_error_and_leaves_nothing_behind(tmp_p
     with pytest.raises(TypeError, match="a bug, not the disk"):
         write_step(tmp_path, 2, fill=buggy)
     _assert_intact(tmp_path, 2)
+
+
+def test_a_failed_fsync_after_latest_moved_is_not_reported_as_a_lost_save(tmp_path, monkeypatch):
+    """`latest` already names the new folder when the root's closing fsync fails: nothing is rolled back (that
+    would leave `latest` naming a missing folder) and the message says the checkpoint was saved."""
+    write_step(tmp_path, 1)
+    real_fsync_dir = store._fsync_dir
+
+    def fsync_dir(path):
+        if (tmp_path / "latest").read_text().strip() == "step_000002":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync_dir(path)
+    monkeypatch.setattr(store, "_fsync_dir", fsync_dir)
+    with pytest.raises(CheckpointSaveError, match=r"step_000002 was saved and .*latest names it, but making the "
+                                                  r"rename durable failed \(OSError: .*Input/output error\)"):
+        write_step(tmp_path, 2)
+    monkeypatch.undo()
+    assert latest(tmp_path) == "step_000002" and store.find(tmp_path, fallback=False)[0].name == "step_000002"

@@ -162,6 +162,9 @@ def write(root: str | Path, step: int, topo: Topology, keep: int, fill: Callable
     if topo.rank == 0:
         try:
             _publish(root, tmp, final, {"format": FORMAT, "step": step, **meta}, keep)
+        except _NotDurable as e:
+            error = (f"checkpoint {final} was saved and {root / LATEST_NAME} names it, but making the rename "
+                     f"durable failed ({describe_error(e.__cause__ or e, root)}); check the filesystem of {root}")
         except OSError as e:           # e.g. a full disk: every rank must learn it, not wait in a barrier
             shutil.rmtree(tmp, ignore_errors=True)
             error = _save_failed(final, "publishing it", describe_error(e, root), root)
@@ -264,6 +267,8 @@ def _publish(root: Path, tmp: Path, final: Path, meta: dict[str, Any], keep: int
         os.replace(tmp, final)
         _fsync_dir(root)
         _write_atomic(root / LATEST_NAME, final.name + "\n")     # last: the pointer moves only to a whole folder
+    except _NotDurable:
+        raise                          # `latest` moved already: only the closing fsync failed; undo nothing
     except OSError:
         with contextlib.suppress(OSError):
             if final.exists() and not tmp.exists():
@@ -307,6 +312,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _NotDurable(OSError):
+    """The rename of `_write_atomic` happened but the folder's fsync failed: the new name is visible."""
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(_tmp_name(path.name))
     try:
@@ -318,7 +327,10 @@ def _write_atomic(path: Path, text: str) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    try:
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise _NotDurable(e.errno, e.strerror) from e
 
 
 # ------------------------------------------------------------------------------------------------- order
