@@ -14,10 +14,11 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
@@ -31,6 +32,19 @@ FILES_DIR = "hf_files"
 # Small files of a model folder that belong with the weights (tokenizer, chat template, generation defaults).
 CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
            "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
+
+
+def reporting_checkpoint_errors(work: Callable[[], Any]) -> int:
+    """Run a command's work; an unusable checkpoint (corrupt, incomplete, another model's, or one that could not
+    be published) is bad input: one line `moe-dist: checkpoint error: ...` and exit 2, as `moe-dist train` does.
+    ConfigError goes on to the CLI's own boundary."""
+    from moe_dist.train.checkpoint import CheckpointError
+    try:
+        work()
+    except CheckpointError as e:
+        print(f"moe-dist: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def default_config_path(root: Path) -> Path:

@@ -109,11 +109,7 @@ def export(checkpoint: str | Path, out: str | Path, config_path: Optional[str] =
     fam = choose_family(cfg, family, record)
     hf_cfg = build_hf_config(fam, cfg, record, dtype)
     shard_bytes = parse_size(max_shard_size)
-    from moe_dist.train.checkpoint import CheckpointError
-    try:
-        model, path, got_step = ckpt_io.load_weights(root, cfg, step)
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
+    model, path, got_step = ckpt_io.load_weights(root, cfg, step)
     tensors = hf_tensors(model, fam, cfg, DTYPES[dtype])
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -139,5 +135,5 @@ def export(checkpoint: str | Path, out: str | Path, config_path: Optional[str] =
 
 
 def run(args) -> int:
-    export(args.checkpoint, args.out, args.config, args.family, args.step, args.dtype, args.max_shard_size)
-    return 0
+    return ckpt_io.reporting_checkpoint_errors(lambda: export(args.checkpoint, args.out, args.config, args.family,
+                                                              args.step, args.dtype, args.max_shard_size))

@@ -91,5 +91,4 @@ def convert(model_dir: str | Path, out: str | Path, config_out: str | Path | Non
 
 
 def run(args) -> int:
-    convert(args.model_dir, args.out, args.config_out)
-    return 0
+    return ckpt_io.reporting_checkpoint_errors(lambda: convert(args.model_dir, args.out, args.config_out))

@@ -154,6 +154,5 @@ def convert(model_dir: str | Path, out: str | Path, experts: int, top_k: int, gr
 
 
 def run(args) -> int:
-    convert(args.model_dir, args.out, args.experts, args.top_k, args.granularity, args.aux_loss_coef,
-            args.config_out)
-    return 0
+    return ckpt_io.reporting_checkpoint_errors(lambda: convert(
+        args.model_dir, args.out, args.experts, args.top_k, args.granularity, args.aux_loss_coef, args.config_out))

@@ -146,3 +146,16 @@ def test_tied_embeddings_round_trip(tmp_path):
         assert "lm_head.weight" not in f.keys()
     tok = tokens()
     torch.testing.assert_close(hf_logits(_load_hf(tmp_path / "out"), tok), hf_logits(hf, tok), atol=ATOL, rtol=0)
+
+
+def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path, capsys):
+    importer.convert(save(random_model("olmoe"), tmp_path / "hf"), tmp_path / "ckpt", say=lambda *a: None)
+    shard = next((tmp_path / "ckpt" / "step_000000").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    rc = cli.main(["export-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == cli.EXIT_BAD_INPUT and len(err) == 1
+    assert err[0].startswith(f"moe-dist: checkpoint error: checkpoint {tmp_path / 'ckpt' / 'step_000000'} is "
+                             "corrupt") and shard.name in err[0]
+    assert not (tmp_path / "out").exists()
