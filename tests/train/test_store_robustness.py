@@ -545,3 +545,13 @@ def test_a_failed_fsync_after_latest_moved_is_not_reported_as_a_lost_save(tmp_pa
         write_step(tmp_path, 2)
     monkeypatch.undo()
     assert latest(tmp_path) == "step_000002" and store.find(tmp_path, fallback=False)[0].name == "step_000002"
+
+
+def test_prune_never_deletes_a_step_named_folder_it_did_not_publish(tmp_path):
+    """An output folder that happens to be named like a checkpoint (no meta.json) is someone's data."""
+    mine = tmp_path / "step_000000"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text("{}\n")
+    for step in (1, 2, 3):
+        write_step(tmp_path, step, keep=1)
+    assert (mine / "metrics.jsonl").exists() and names(tmp_path) == ["latest", "step_000000", "step_000003"]

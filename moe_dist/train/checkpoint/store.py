@@ -362,15 +362,18 @@ def _recorded_step(path: Path, default: int) -> int:
 
 
 def prune(root: Path, keep: int, protect: Iterable[Path] = ()) -> None:
-    """Delete all but the newest `keep` checkpoints (by recorded step), never the one `latest` names nor those
-    in `protect`, and the stale temporary entries that saves which never finished left behind."""
+    """Delete all but the newest `keep` checkpoints (by recorded step), never the one `latest` names, those in
+    `protect`, nor a step-named folder without meta.json; and the stale temporary entries that saves which
+    never finished left behind."""
     root = Path(root)
     spare = {Path(p) for p in protect}
     named, _ = _read_latest(root)
     if named is not None:
         spare.add(named)
     for _, old in _by_step(root)[:-keep]:
-        if old not in spare:
+        # A step-named folder without meta.json was not published by this store (the manifest goes in before
+        # the rename): someone's own folder, e.g. an output folder named step_000001 inside checkpoint.dir.
+        if old not in spare and (old / META_NAME).is_file():
             shutil.rmtree(old, ignore_errors=True)
     for p in root.iterdir():
         if TMP_MARK in p.name and _is_stale(p, root):
