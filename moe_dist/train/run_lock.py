@@ -84,7 +84,7 @@ def acquire(folder: Path, field: str = "train.out_dir") -> Path:
     path = folder / LOCK_NAME
     key = os.path.realpath(folder)
     if key in _HELD:
-        raise _in_use(folder, path, field, _holder_text(path))
+        raise _in_use(folder, path, field, _held_text(key, path))
     for _ in range(20):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -116,6 +116,13 @@ def acquire(folder: Path, field: str = "train.out_dir") -> Path:
         _HELD[key] = (fd, os.fstat(fd).st_mtime)
         return path
     raise ConfigError(f"could not take the lock {path}; other runs keep taking and releasing it")
+
+
+def _held_text(key: str, path: Path) -> dict:
+    """Our own lock's content, read through the descriptor that holds it: where flock is emulated with POSIX
+    locks (NFS), closing any other descriptor of the file would drop this process's lock."""
+    fd = _HELD[key][0]
+    return _holder_text_fd(fd) if fd is not None else _holder_text(path)
 
 
 def _holder_text_fd(fd: int) -> dict:
@@ -154,8 +161,9 @@ def check_free(folder: Path, field: str = "train.out_dir") -> None:
     from another rank of the same job could meet rank 0's own lock)."""
     folder = Path(folder)
     path = folder / LOCK_NAME
-    if os.path.realpath(folder) in _HELD:
-        raise _in_use(folder, path, field, _holder_text(path))
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        raise _in_use(folder, path, field, _held_text(key, path))
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
