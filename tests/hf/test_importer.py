@@ -264,7 +264,7 @@ def test_train_command_resumes_from_the_import(saved, tmp_path, corpus, capsys):
     """`moe-dist train CONFIG --checkpoint.dir=CKPT` in one process starts from the imported step 0."""
     _, cfg_path = _import(saved["olmoe"][1], tmp_path / "ckpt")
     rc = cli.main(["train", str(cfg_path), f"--checkpoint.dir={tmp_path / 'ckpt'}", f"--data.path={corpus}",
-                   "--train.steps=1", "--train.batch_size=2", "--train.seq_len=16",
+                   "--train.steps=1", "--train.batch_size=2", "--train.seq_len=16", "--train.eval_batches=1",
                    f"--train.out_dir={tmp_path / 'run'}", "--train.tensorboard=false", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out

@@ -39,8 +39,8 @@ def _logits(root, cfg_path, tok):
         return model.eval()(tok).logits
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize("E,K,Gr", [(4, 2, 1), (4, 1, 2), (3, 2, 4), (2, 2, 3)])
+@pytest.mark.parametrize("kind,E,K,Gr", [("llama", 4, 2, 1), ("llama", 4, 1, 2), ("llama", 2, 2, 3),
+                                         ("llama", 3, 2, 4), ("mistral", 3, 2, 4), ("qwen2", 3, 2, 4)])
 def test_step0_logits_equal_the_dense_model(kind, E, K, Gr, tmp_path):
     dense = dense_model(kind)
     _, cfg_path = _up(save(dense, tmp_path / "hf"), tmp_path / "ckpt", E, K, Gr)
