@@ -121,3 +121,11 @@ def test_moe_and_unknown_models_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == cli.EXIT_BAD_INPUT and len(err) == 1 and err[0].startswith("moe-dist: config error: ")
     assert "dense families supported: llama, mistral, qwen2" in err[0]
+
+
+def test_scaled_rope_is_refused(tmp_path):
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}
+    src = save(dense_model("llama", rope_parameters=rope), tmp_path / "hf")
+    with pytest.raises(ConfigError, match="rope_type='llama3': moe_dist implements plain rotary embeddings only"):
+        _up(src, tmp_path / "ckpt", 4, 2)
