@@ -218,7 +218,7 @@ def expressible(fam: Family, cfg: Config) -> Optional[ConfigError]:
                        "expert (1, true)"))
     else:
         checks.append((moe.num_shared_experts == 0, "moe.num_shared_experts", moe.num_shared_experts, "0"))
-    if fam.name == "olmoe":
+    if fam.name in ("olmoe", "qwen2_moe"):         # their configs have no head_dim field
         checks.append((m.head_dim in (None, m.dim // m.n_heads), "model.head_dim", m.head_dim, "dim // n_heads"))
     for ok, field, value, need in checks:
         if not ok:
@@ -261,8 +261,6 @@ def to_hf(fam: Family, cfg: Config, base: Optional[dict[str, Any]] = None) -> di
             out.update(qkv_bias=m.qkv_bias, shared_expert_intermediate_size=(
                 moe.shared_expert_hidden or moe.num_shared_experts * moe.expert_hidden))
             out.pop("head_dim")
-            if m.head_dim not in (None, m.dim // m.n_heads):
-                raise _refuse(fam, "model.head_dim", m.head_dim, "dim // n_heads")
         else:
             out.update(attention_bias=False)
     return out
