@@ -28,14 +28,14 @@ def _raw(tp, ep, etp, world, accum=1, **moe):
     return raw
 
 
-def _trainer(raw, world, mode, cdir="", resume="never"):
+def _trainer(raw, world, mode, cdir="", resume="never", weights_dtype=None):
     cdir = cdir or "/tmp/moe_dist_sharded_optimizer_test"        # train_step only: nothing is written there
     raw = {**raw, "train": {**raw["train"], "shard_optimizer": mode, "out_dir": cdir + "/out"},
            "checkpoint": {"dir": cdir, "keep": 3, "resume": resume}}
     cfg = make_cfg(raw)
     topo = build_topo(cfg, world)
     return Trainer(cfg, topo=topo, batcher=GlobalBatcher(G, cfg.train.seq_len, topo.dp.rank, topo.dp.size),
-                   engine=functools.partial(NativeEngine, bucket_elems=BUCKET))
+                   engine=functools.partial(NativeEngine, bucket_elems=BUCKET, weights_dtype=weights_dtype))
 
 
 def _parity_worker(rank, world, layouts, modes=MODES):
@@ -120,3 +120,32 @@ LAYOUTS_4 = {"dp4": _raw(1, 1, 1, 4), "ep2_dp2": _raw(1, 2, 1, 4),
 def test_sharded_equals_unsharded_on_four_ranks():
     results = run_ranks(_parity_worker, 4, LAYOUTS_4, timeout=1500, collective_timeout_s=300)
     _check_parity(results, LAYOUTS_4)
+
+
+def _bf16_worker(rank, world, raw):
+    """bf16 weights (forced on the CPU) with fp32 masters, unsharded and ZeRO-2."""
+    out = {}
+    for mode in ("none", "states+grads"):
+        trainer = _trainer(raw, world, mode, weights_dtype=torch.bfloat16)
+        losses = [trainer.train_step(s).loss for s in range(STEPS)]
+        out[mode] = {"losses": losses, "dtypes": {p.dtype for p in trainer.model.parameters()},
+                     "dense": {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+                               if ".experts." not in n},
+                     "master": {n: t["weight"] for n, t in trainer.engine.flat.checkpoint_tensors().items()}}
+    return out
+
+
+@pytest.mark.slow
+def test_bf16_weights_with_sharded_fp32_masters_on_four_ranks():
+    """EP2×DP2 with bf16 weights: every dp rank ends with the same bf16 dense weights (the all-gather of the
+    updated shards), the bf16 weights are the rounded fp32 masters, and ZeRO-2 trains like the unsharded
+    master path (bf16 rounding of the copies aside)."""
+    results = run_ranks(_bf16_worker, 4, _raw(1, 2, 1, 4), timeout=900, collective_timeout_s=300)
+    for mode in ("none", "states+grads"):
+        for res in results:
+            assert res[mode]["dtypes"] == {torch.bfloat16}
+            for n, p in res[mode]["dense"].items():
+                assert torch.equal(p, results[0][mode]["dense"][n]), (mode, n)
+                assert torch.equal(p, res[mode]["master"][n].bfloat16()), (mode, n)
+    for res in results:
+        assert res["states+grads"]["losses"] == pytest.approx(res["none"]["losses"], rel=1e-2)
