@@ -111,9 +111,15 @@ def test_dp2_zero2_equals_unsharded_and_its_checkpoint_loads_unsharded(tmp_path)
             assert loss == pytest.approx(ref[step], rel=1e-5), step
 
 
+def _recomputed(raw):
+    """Blocks recomputed in backward: ZeRO-2's gradient hooks fire while backward reruns forwards."""
+    raw["train"]["recompute"] = "block"
+    return raw
+
+
 LAYOUTS_4 = {"dp4": _raw(1, 1, 1, 4), "ep2_dp2": _raw(1, 2, 1, 4),
              "tp2_ep2": _raw(2, 2, 1, 4), "etp2_ep2": _raw(1, 2, 2, 4),
-             "ep2_dp2_accum2": _raw(1, 2, 1, 4, accum=2)}
+             "ep2_dp2_accum2": _raw(1, 2, 1, 4, accum=2), "ep2_dp2_recompute": _recomputed(_raw(1, 2, 1, 4))}
 
 
 @pytest.mark.slow

@@ -69,3 +69,26 @@ def test_fit_writes_one_memory_record_and_skips_evaluation_without_a_validation_
     assert mem["step"] == 0
     assert {k: mem[k] for k in ("weights", "grads", "optimizer")} == trainer.engine.memory()
     assert mem["per_rank"] == [trainer.engine.memory()]
+
+
+@pytest.mark.parametrize("shard", ["states", "states+grads"])
+def test_a_skipped_nonfinite_step_changes_nothing_in_the_sharded_optimizer(tmp_path, shard):
+    """train.on_nonfinite=skip: a NaN step leaves weights, moments and step counters as they were; the next
+    step trains from clean gradients."""
+    trainer = _trainer(tmp_path, on_nonfinite="skip", shard_optimizer=shard)
+    router = trainer.model.moe_layers[0].router
+    poison = {"on": False}
+    router.register_forward_pre_hook(lambda mod, args: (args[0] * float("nan"),) if poison["on"] else None)
+    trainer.train_step(0)
+    before = trainer.engine.flat.checkpoint_tensors()
+    poison["on"] = True
+    assert trainer.train_step(1).skipped
+    poison["on"] = False
+    after = trainer.engine.flat.checkpoint_tensors()
+    for n, t in before.items():
+        for k in t:
+            assert torch.equal(after[n][k], t[k]), (n, k)
+    r = trainer.train_step(2)
+    assert not r.skipped and r.grad_norm == r.grad_norm
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(t["step"] == 2 for t in trainer.engine.flat.checkpoint_tensors().values())
