@@ -14,6 +14,8 @@ What each side does:
   expert partitions over the world too, which counts each expert once) and clip by
   `max_norm / (norm + 1e-6)`: the native rule, tested equal. Stage 0 would clip by a per-rank norm that
   misses the other EP ranks' experts, so at stage 0 we clip with `clip_gradients` ourselves.
+- A non-finite step (train.on_nonfinite=skip) is withdrawn through DeepSpeed's own step: at stage 0 with the
+  gradients dropped first, under ZeRO through its overflow path (see `DeepSpeedEngine.skip`).
 
 Checkpoints (the Trainer saves every checkpoint.every steps, at the end and on SIGTERM, and resumes from
 `latest`): one file per rank under <checkpoint dir>/deepspeed/step_NNNNNN with its model shard and its ZeRO
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -235,14 +238,16 @@ def rank_file_name(rank: int) -> str:
     return f"rank{rank:05d}.pt"
 
 
-def check_supported(cfg: Config) -> None:
+def check_supported(ds_config: dict[str, Any]) -> None:
     """What this engine refuses, before DeepSpeed starts (so every rank raises the same error at once). Tensor
     parallelism is refused by the one layout check (moe_dist.parallel.layout.check_layout), which the Trainer
-    runs before it builds any engine."""
-    if cfg.train.on_nonfinite == "skip":
-        raise ConfigError("train.on_nonfinite=skip is not supported with train.engine=deepspeed (a ZeRO step "
-                          "cannot be withdrawn once gradients are reduced into partitions); use "
-                          "train.on_nonfinite=raise or train.engine=native")
+    runs before it builds any engine; train.shard_optimizer by config.validate."""
+    if ds_config["zero_optimization"]["stage"] == 0 and ds_config.get("bf16", {}).get("enabled"):
+        # DeepSpeed's bf16 optimizer at stage 0 keeps its own fp32 gradient buffers, which this engine can
+        # neither withdraw (train.on_nonfinite=skip) nor clip with the global norm.
+        raise ConfigError("train.zero_stage=0 with DeepSpeed's bf16 (train.dtype=bfloat16 on a GPU, or bf16.enabled "
+                          "in train.deepspeed_config) is not supported by train.engine=deepspeed; use "
+                          "train.zero_stage=1 or 2, or train.engine=native")
 
 
 def _storage_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
@@ -264,13 +269,13 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, cfg: Config, topo: Topology, model: MoEGPT):
-        check_supported(cfg)
+        self.ds_config = deepspeed_config(cfg, topo.dp.size)
+        check_supported(self.ds_config)
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         self.cfg, self.topo, self.model = cfg, topo, model
         self.device = next(model.parameters()).device
-        self.ds_config = deepspeed_config(cfg, topo.dp.size)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
         # A model without MoE layers is plain data parallelism: no marker (DeepSpeed would then insist on
         # an expert parameter group).
@@ -291,6 +296,7 @@ class DeepSpeedEngine(Engine):
         _ensure_local_rank(topo)
         self.ds, _, _, _ = deepspeed.initialize(model=module, config=copy.deepcopy(self.ds_config), **kwargs)
         self._grad_bytes = 0            # the most gradient storage seen at the end of a step's backward
+        self._stepped = False           # DeepSpeed's step() ran in this optimizer step (see `skip`)
 
     # ------------------------------------------------------------------------------------------ step
 
@@ -303,8 +309,9 @@ class DeepSpeedEngine(Engine):
 
     def zero_grad(self) -> None:
         # Nothing to clear: DeepSpeed drops every gradient (ZeRO's partitions and buckets included) at the end
-        # of its optimizer step, and a step that raised ends the run.
-        pass
+        # of its optimizer step, `skip` withdraws a step through that same step, and a step that raised ends
+        # the run.
+        self._stepped = False
 
     def backward(self, loss: torch.Tensor) -> None:
         # The Trainer has divided the loss by train.grad_accum_steps already, so DeepSpeed must not again.
@@ -327,6 +334,7 @@ class DeepSpeedEngine(Engine):
             for g in self.ds.optimizer.param_groups:
                 g["lr"] = lr
         self.ds.step()                  # ZeRO: global norm, clip, AdamW on this rank's partition
+        self._stepped = True
         if self.zero_stage == 0:
             return None
         # Host sync: the norm computed inside step(), for the log and the non-finite decision. A non-finite
@@ -334,8 +342,29 @@ class DeepSpeedEngine(Engine):
         return float(self.ds.get_global_grad_norm())
 
     def skip(self) -> None:
-        # Unreachable: check_supported refuses train.on_nonfinite=skip, so a non-finite step raises instead.
-        raise RuntimeError("the DeepSpeed engine cannot withdraw a step (train.on_nonfinite=skip is refused)")
+        """Withdraw this optimizer step through DeepSpeed's own step, so that its micro-batch counters stay right
+        and it frees its gradients and buckets itself; no weight, moment or master weight changes."""
+        if self._stepped:
+            # ZeRO found the norm non-finite inside step() and skipped the update there already.
+            return
+        if self.zero_stage == 0:
+            # Whole gradients in .grad: without them torch's AdamW updates nothing (it passes over a parameter
+            # that has no gradient), and DeepSpeed's step counts the micro-batch.
+            self.ds.optimizer.zero_grad(set_to_none=True)
+        else:
+            # The gradients are reduced into this rank's ZeRO partition. A NaN in it makes the global norm NaN
+            # (on every rank: the norm is all-reduced), and ZeRO's step then takes its overflow path: no update,
+            # gradients and buckets freed, moments and fp32 master untouched.
+            for grads in (self.ds.optimizer.averaged_gradients or {}).values():
+                for g in grads or []:
+                    if g.numel():
+                        g.view(-1)[0] = float("nan")
+                        break
+        self.ds.step()
+        self._stepped = True
+        if self.zero_stage > 0 and math.isfinite(self.ds.get_global_grad_norm()):     # host sync: one scalar
+            raise RuntimeError("DeepSpeed applied an update the engine meant to skip (its ZeRO step saw a finite "
+                               "norm); this DeepSpeed version handles overflow differently")
 
     # ------------------------------------------------------------------------------------ checkpoints
     #
@@ -379,10 +408,7 @@ class DeepSpeedEngine(Engine):
         self.model.load_state_dict(state["model"])
         optimizer = self.ds.optimizer
         if self.zero_stage == 0:
-            if not isinstance(optimizer, torch.optim.Optimizer):     # bf16 wraps it (GPU only)
-                raise CheckpointError("resuming train.zero_stage=0 with bf16 is not supported by this engine; "
-                                      "use train.zero_stage=1 or 2")
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(state["optimizer"])       # torch's AdamW (bf16 at stage 0 is refused)
         else:
             # DeepSpeed reads the entry of this data-parallel rank only (a checkpoint of the same layout);
             # the fp32 master partition comes from the file, not from the (possibly bf16) weights.

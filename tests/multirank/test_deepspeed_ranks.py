@@ -24,8 +24,30 @@ from moe_dist import config
 pytest.importorskip("deepspeed")
 
 
+def _skip_once(trainer, rank: int, step: int) -> dict:
+    """train.on_nonfinite=skip: a router made NaN on rank 0 for one step; every rank skips it together, nothing
+    changes, and after the router is restored the next step trains as if the skipped one never happened."""
+    router = trainer.model.moe_layers[0].router.weight_ED
+    saved = router.detach().clone()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.cfg.train.on_nonfinite = "skip"
+    if rank == 0:
+        with torch.no_grad():
+            router.fill_(float("nan"))
+    skipped = trainer.train_step(step)
+    with torch.no_grad():
+        router.copy_(saved)
+    unchanged = all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    after = trainer.train_step(step + 1)
+    trainer.cfg.train.on_nonfinite = "raise"
+    return {"skipped": skipped.skipped, "unchanged": unchanged, "loss": after.loss, "norm": after.grad_norm,
+            "moved": not torch.equal(before["blocks.0.mlp.router.weight_ED"], router),
+            "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
+
+
 def _both_engines(rank, world, raw):
-    """Native trainer, then DeepSpeed, on the same ranks: per-step results and final local parameters."""
+    """Native trainer, then DeepSpeed, on the same ranks: per-step results and final local parameters; then one
+    skipped step and one more (see `_skip_once`)."""
     from moe_dist.parallel.layout import check_layout
     from moe_dist.parallel.topology import Topology
     from moe_dist.train.deepspeed_engine import DeepSpeedEngine
@@ -48,13 +70,14 @@ def _both_engines(rank, world, raw):
                      "init": init, "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
                      "buffers": {n: b.clone() for n, b in trainer.model.named_buffers() if "expert_bias" in n},
                      "val": trainer.evaluate(2)}
+        out[name]["skip"] = _skip_once(trainer, rank, STEPS)
     out["bucket"] = trainer.engine.ds.zero_reduce_bucket_size()     # the user's file reached DeepSpeed
     # A router that produces NaN on one rank: every rank raises together, naming that router (no hang).
     if rank == 0:
         with torch.no_grad():
             trainer.model.moe_layers[0].router.weight_ED.fill_(float("nan"))
     try:
-        trainer.train_step(STEPS)
+        trainer.train_step(STEPS + 2)
     except FloatingPointError as e:
         out["nonfinite"] = str(e)
     return out
@@ -91,6 +114,16 @@ def _check_parity(results, move_tol: float = RTOL):
         assert ds["val"] == pytest.approx(nat["val"], rel=RTOL)
         # The parameters moved: the comparison is of trained weights, not of the initial ones twice.
         assert nat["loss"][0] != nat["loss"][-1]
+        # A skipped step changes nothing in either engine, and the step after it agrees.
+        for eng in (nat, ds):
+            assert eng["skip"]["skipped"] and eng["skip"]["unchanged"] and eng["skip"]["moved"], rank
+        torch.testing.assert_close(torch.tensor([ds["skip"]["loss"], ds["skip"]["norm"]], dtype=torch.float64),
+                                   torch.tensor([nat["skip"]["loss"], nat["skip"]["norm"]], dtype=torch.float64),
+                                   rtol=RTOL, atol=ATOL, msg=lambda m: f"rank {rank} step after the skip: {m}")
+        for name, p in nat["skip"]["params"].items():
+            moved = float((p - nat["init"][name]).abs().max())
+            torch.testing.assert_close(ds["skip"]["params"][name], p, rtol=RTOL, atol=max(ATOL, move_tol * moved),
+                                       msg=lambda m: f"rank {rank} {name} after the skip: {m}")
 
 
 # ZeRO-1 and ZeRO-2 run by default; accumulation and stage 0 (our own clipping) with --run-slow (each spawn

@@ -76,16 +76,14 @@ class _NoBatches:
         raise AssertionError("the engine must refuse the config before any step")
 
 
-@pytest.mark.parametrize("section,override,message", [
-    ("train", {"on_nonfinite": "skip"}, "train.on_nonfinite=skip is not supported with train.engine=deepspeed"),
-])
-def test_unsupported_settings_are_refused_before_deepspeed_starts(tmp_path, section, override, message):
+def test_zero_stage_0_with_deepspeed_bf16_is_refused_before_deepspeed_starts(tmp_path):
     """Through the user's path: Trainer builds the engine train.engine names, which refuses before
-    deepspeed.initialize (no process group exists here, so DeepSpeed starting would fail differently)."""
+    deepspeed.initialize (no process group exists here, so DeepSpeed starting would fail differently). On the
+    CPU the generated config keeps bf16 off, so the user's file turns it on."""
     from moe_dist.train.trainer import Trainer
-    cfg = _cfg(tmp_path)
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"bf16": {"enabled": True}}))
+    cfg = _cfg(tmp_path, zero_stage=0, deepspeed_config=str(user))
     cfg.parallel.ep = 1                     # one process: the layout must fit a world of 1
-    for k, v in override.items():
-        setattr(getattr(cfg, section), k, v)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match="train.zero_stage=0 with DeepSpeed's bf16 .* is not supported"):
         Trainer(cfg, batcher=_NoBatches())
