@@ -358,7 +358,7 @@ class DeepSpeedEngine(Engine):
             for grads in (self.ds.optimizer.averaged_gradients or {}).values():
                 for g in grads or []:
                     if g.numel():
-                        g.view(-1)[0] = float("nan")
+                        g[(0,) * g.dim()] = float("nan")       # its first element, whatever its strides
                         break
         self.ds.step()
         self._stepped = True
