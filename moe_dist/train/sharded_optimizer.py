@@ -21,8 +21,8 @@ views into the buckets' flat weight buffers, so a shard of the weights is a slic
 Weights. With fp32 weights the rank's slice of the weight buffer is its master (no copy); with bf16 weights a
 separate fp32 master shard is updated and copied back to bf16. Updated shards are all-gathered into the weight
 buffers. The update is torch's own AdamW (`torch.optim.adamw.adamw`, the functional form of torch.optim.AdamW)
-applied to each parameter's piece of the shard, with the groups of `build_optimizer` (matrices decay, vectors do
-not): element for element the same arithmetic as torch.optim.AdamW on whole parameters.
+applied to each parameter's piece of the shard, with the groups of `native_engine.adamw_groups` (matrices decay,
+vectors do not): element for element the same arithmetic as torch.optim.AdamW on whole parameters.
 
 ZeRO-2 and collective order: gradient hooks fire in backward's order, which is the same on every rank (the same
 graph), but a bucket is issued only after every bucket before it in the fixed bucket list, so the collectives'
@@ -45,9 +45,9 @@ from moe_dist.config import TrainConfig
 from moe_dist.parallel.comm import all_gather_into_tensor_, all_reduce_, reduce_scatter_tensor_
 from moe_dist.parallel.grads import norm_from_squares
 from moe_dist.parallel.topology import Group, Topology
+from moe_dist.train.native_engine import ADAMW_BETAS, ADAMW_EPS, adamw_groups
 
 BUCKET_ELEMS = 1 << 24          # 16M elements: 64 MiB of fp32 gradient per reduce-scatter
-ADAMW_BETAS, ADAMW_EPS = (0.9, 0.95), 1e-8
 KINDS = ("dense", "dense_tp", "tp_partial", "expert")
 
 
@@ -105,6 +105,8 @@ class FlatAdamW:
         self.zero2 = shard == "states+grads"
         first = next(model.parameters())
         self.device, self.wdtype = first.device, weights_dtype or first.dtype
+        # Each parameter's weight decay from the native engine's AdamW groups (one rule for both optimizers).
+        self._decay = {id(p): g["weight_decay"] for g in adamw_groups(model, t) for p in g["params"]}
         self.buckets = self._make_buckets(bucket_elems)
         self.steps = {s.name: torch.zeros((), dtype=torch.float32) for b in self.buckets for s in b.slots}
         self._local_names = {s.name for b in self.buckets for s, _, _ in b.segments}
@@ -157,7 +159,7 @@ class FlatAdamW:
         shard_group = group if self.sharded else _alone(topo.rank)
         slots, n = [], 0
         for name, p in params:
-            slots.append(Slot(name, p, n, p.numel(), self.t.weight_decay if p.dim() >= 2 else 0.0))
+            slots.append(Slot(name, p, n, p.numel(), self._decay[id(p)]))
             n += p.numel()
         g = shard_group.size
         b = Bucket(kind, group, shard_group, scale, slots, padded=-(-n // g) * g)
