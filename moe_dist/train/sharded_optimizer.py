@@ -26,7 +26,9 @@ vectors do not): element for element the same arithmetic as torch.optim.AdamW on
 
 ZeRO-2 and collective order: gradient hooks fire in backward's order, which is the same on every rank (the same
 graph), but a bucket is issued only after every bucket before it in the fixed bucket list, so the collectives'
-order never depends on hook timing. What backward did not produce by its end (none in our models) counts as zero.
+order never depends on hook timing. A gradient backward did not produce by its end counts as zero, and that
+parameter is still updated (decay, moment decay): torch's AdamW would skip a parameter whose .grad is None. Our
+models give every parameter a gradient every step, so the two agree here.
 
 Checkpoints stay layout-free: `checkpoint_tensors` rebuilds every parameter's whole (this rank's tp/ep shard)
 master weight and moments from the flat shards (all-gathered over the shard group, on the CPU), and
