@@ -92,3 +92,22 @@ def test_a_skipped_nonfinite_step_changes_nothing_in_the_sharded_optimizer(tmp_p
     assert not r.skipped and r.grad_norm == r.grad_norm
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert all(t["step"] == 2 for t in trainer.engine.flat.checkpoint_tensors().values())
+
+
+def test_zero2_frees_every_whole_gradient_and_zero1_keeps_them_in_the_flat_buffer(tmp_path):
+    x, y = tokens(2)
+    for shard in ("states", "states+grads"):
+        trainer = _trainer(tmp_path, shard_optimizer=shard)
+        engine = trainer.engine
+        engine.zero_grad()
+        engine.backward(engine.forward(x, y).loss)
+        if shard == "states+grads":
+            # Reduced into the shard accumulators as backward went: no parameter keeps a gradient.
+            assert all(p.grad is None for p in trainer.model.parameters())
+            assert all(b.grad_full is None and b.grad_acc.abs().sum() > 0 for b in engine.flat.buckets)
+        else:
+            # fp32 weights: the gradients are views of the flat fp32 buffers, filled in place by backward.
+            for b in engine.flat.buckets:
+                for s in b.slots:
+                    assert s.param.grad.data_ptr() == b.grad_full[s.start:].data_ptr()
+                assert b.grad_full.abs().sum() > 0
