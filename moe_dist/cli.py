@@ -64,19 +64,26 @@ def _check_memory(cfg, dims) -> None:
     comes late (after gigabytes were touched) or not at all (the kernel's OOM killer ends the process)."""
     import os
 
+    import torch
+
     from moe_dist.plan import param_counts
-    available = _available_memory()
-    if available is None:
-        return
     params = param_counts(cfg, dims).total
     # A lower bound on what a rank holds: its weights (gradients and AdamW moments come on top).
     need = params * (2 if cfg.train.dtype == "bfloat16" else 4)
     per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    if need * per_node > available:
+    fix = ("lower those sizes, or spread the model over more ranks (parallel.ep, parallel.tp; `moe-dist plan CONFIG "
+           "--world N` shows the memory per rank)")
+    available = _available_memory()
+    # The model is built on the host before it moves to its GPU, so host memory bounds every rank on the node.
+    if available is not None and need * per_node > available:
         raise CommandError("memory", f"the weights alone need {_gib(need)} per rank ({params:,} parameters on each "
                            f"of {per_node} rank(s) here; {_sizes(cfg)}) but this machine has {_gib(available)} "
-                           "available; lower those sizes, or spread the model over more ranks (parallel.ep, "
-                           "parallel.tp; `moe-dist plan CONFIG --world N` shows the memory per rank)")
+                           f"available; {fix}")
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(_launch().local_rank % torch.cuda.device_count()).total_memory
+        if need > gpu:
+            raise CommandError("memory", f"the weights alone need {_gib(need)} per rank ({params:,} parameters; "
+                               f"{_sizes(cfg)}) but a GPU here holds {_gib(gpu)}; {fix}")
 
 
 def _preflight(cfg, dims) -> None:
