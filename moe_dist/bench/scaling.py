@@ -292,8 +292,8 @@ def run(args: argparse.Namespace) -> int:
                       published_tokens_per_s_per_gpu=PUBLISHED["tflops_per_gpu"] * 1e12 / fpt,
                       model_tflops_per_gpu=at["tflops_per_gpu"] if at else None,
                       relative_error=(at["tflops_per_gpu"] / PUBLISHED["tflops_per_gpu"] - 1) if at else None,
-                      not_modelled="pipeline bubble (PP=4 in the recipe), attention/norm/permute kernels below the "
-                                   "GEMM throughputs, all-to-all/compute overlap, load imbalance, recompute")
+                      not_modelled="pipeline bubble (PP=4 in the recipe; pp=1 here), all-to-all/compute overlap, "
+                                   "load imbalance")
     if at:
         print(f"GPU model vs published: Mixtral 8x7B on {PUBLISHED['gpus']} H100, EP=8: model "
               f"{at['tflops_per_gpu']:.0f} TFLOPS/GPU vs {PUBLISHED['tflops_per_gpu']:.0f} published "

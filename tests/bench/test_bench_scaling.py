@@ -168,7 +168,7 @@ def test_gpu_tp_term_is_ring_collectives_of_the_counted_bytes():
     assert ab.tp_seconds(tc, 2, NET) == pytest.approx(want, rel=1e-12)
     e = ab.estimate(cfg, dims)
     assert e.tp_s == pytest.approx(want, rel=1e-12)
-    assert e.step_s == pytest.approx(e.compute_s + e.alltoall_s + e.tp_s)
+    assert e.step_s == pytest.approx(sum(e.terms().values()))
     # No tp, no term; recompute repeats wo's all-reduce (2 layers) and the counts; tp across nodes takes the NIC.
     assert ab.tp_collectives(cfg, ParallelDims(world=1)) == ab.TpCollectives()
     rc = ab.tp_collectives(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
