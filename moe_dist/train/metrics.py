@@ -23,6 +23,7 @@ import importlib.util
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -78,11 +79,25 @@ class MetricsLogger:
             self._keep_before(resume_step)
             self._file = open(self.path, "a")
         else:
+            self._set_aside_earlier_run()
             self._file = open(self.path, "w")
         if tensorboard:
             self._tb = _summary_writer(self.out_dir / "tb", purge_step=resume_step)
         if wandb_project:
             self._wandb = _wandb_run(wandb_project, self.out_dir, config, resumed=resume_step is not None)
+
+    def _set_aside_earlier_run(self) -> None:
+        """A fresh run into a folder that holds an earlier run's metrics keeps them as
+        metrics.<time of their last write>.jsonl instead of truncating them (their run may be unrecoverable)."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.path.stat().st_mtime))
+        target = self.path.with_name(f"metrics.{stamp}.jsonl")
+        n = 1
+        while target.exists():
+            target = self.path.with_name(f"metrics.{stamp}-{n}.jsonl")
+            n += 1
+        os.replace(self.path, target)
 
     def _keep_before(self, step: int) -> None:
         """Rewrites metrics.jsonl with the records of steps < `step` (atomically: tmp + replace)."""

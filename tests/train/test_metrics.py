@@ -54,6 +54,22 @@ def test_resume_drops_steps_after_the_checkpoint_and_a_torn_line(tmp_path: Path)
     assert (tmp_path / HEATMAP_NAME).exists()
 
 
+def test_a_fresh_run_keeps_an_earlier_runs_metrics_aside(tmp_path: Path) -> None:
+    """A new run into a folder holding another run's metrics.jsonl must not truncate it."""
+    m = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    _log_steps(m, range(3))
+    m.close()
+    earlier = (tmp_path / "metrics.jsonl").read_text()
+    for _ in range(2):                      # two fresh runs: two kept files, none overwritten
+        m = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+        _log_steps(m, range(1))
+        m.close()
+    kept = sorted(tmp_path.glob("metrics.*.jsonl"))
+    assert len(kept) == 2
+    assert kept[0].read_text() == earlier or kept[1].read_text() == earlier
+    assert [r["step"] for r in load_records(tmp_path / "metrics.jsonl")] == [0]
+
+
 def test_disabled_logger_writes_nothing(tmp_path: Path) -> None:
     m = MetricsLogger(tmp_path / "r1", enabled=False)
     _log_steps(m, range(2))
