@@ -270,8 +270,12 @@ class FlatAdamW:
                 if b.kind == "tp_partial":
                     all_reduce_(b.grad_full, self.topo.tp)
                 if self.sharded:
-                    g = reduce_scatter_tensor_(torch.empty(b.shard, dtype=torch.float32, device=self.device),
-                                               b.grad_full, b.group)
+                    # Reduced into a transient shard, then kept in the buffer's own shard region (the rest of
+                    # the buffer is not read again this step): no second gradient buffer stays allocated.
+                    reduced = reduce_scatter_tensor_(torch.empty(b.shard, dtype=torch.float32, device=self.device),
+                                                     b.grad_full, b.group)
+                    g = b.grad_full[b.lo:b.lo + b.shard].copy_(reduced)
+                    del reduced
                 else:
                     g = all_reduce_(b.grad_full, b.group)
             if b.scale != 1.0:
