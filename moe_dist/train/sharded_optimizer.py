@@ -4,8 +4,9 @@
 - `none`          (used with bf16 weights): every rank keeps whole fp32 gradient buffers, master weights and
                   moments; gradients are all-reduced.
 - `states`        ZeRO-1: whole fp32 gradient buffers; after the last micro-batch each bucket is reduce-scattered
-                  so that a rank gets the reduced gradient of its shard only; master weights and moments exist
-                  for that shard only.
+                  so that a rank gets the reduced gradient of its shard only (kept in the buffer's shard region:
+                  from then on the parameters' .grad views hold reduced values there only); master weights and
+                  moments exist for that shard only.
 - `states+grads`  ZeRO-2: no whole gradient buffer. A bucket is reduce-scattered as soon as backward has produced
                   every gradient in it, every micro-batch, into the rank's fp32 shard accumulator, and the
                   parameters' gradients are freed. One staging buffer (the largest bucket) is reused.
