@@ -20,7 +20,16 @@ _COMMANDS = [
 
 def _run(module: str):
     def run(args) -> int:
-        return importlib.import_module(module).run(args)
+        try:
+            return importlib.import_module(module).run(args)
+        except ValueError as e:
+            # The benchmarks judge their options with ValueErrors that name the option (`--experts [0]: ...`):
+            # bad arguments, one line and exit 2 at the command line's error boundary. Any other ValueError is
+            # left to read as the bug it is.
+            if str(e).startswith("--"):
+                from moe_dist.errors import CommandError
+                raise CommandError("argument", str(e)) from e
+            raise
     return run
 
 

@@ -270,6 +270,13 @@ CASES: list[Case] = [
     Case("prepare-no-text", ("prepare-data", "{c}/empty", "--out", "{c}/o.bin"), ("no text",), setup=_empty_dir),
     Case("prepare-max-bytes-text", ("prepare-data", "--out", "{c}/o.bin", "--max-bytes", "lots"),
          ("argument error", "--max-bytes")),
+    Case("bench-layer-experts-zero", ("bench", "layer", "--quick", "--no-deepspeed", "--experts", "0", "--out",
+                                      "{c}/b"), ("argument error", "--experts")),
+    Case("bench-layer-top_k-above-experts", ("bench", "layer", "--quick", "--no-deepspeed", "--experts", "4",
+                                             "--top-k", "9", "--out", "{c}/b"), ("argument error", "--top-k")),
+    Case("bench-layer-replot-missing", ("bench", "layer", "--replot", "{c}/nope.json"), ("nope.json",)),
+    Case("tune-capacity-factors-text", ("tune-capacity", str(REPO / "configs" / "tiny-cpu.yaml"), "--quick", "--factors", "x", "--out", "{c}/t"),
+         ("argument error", "--factors")),
     # ----------------------------------------------------------------------------------------- checkpoints
     Case("ckpt-does-not-fit-the-model", T("--model.dim=48"), ("model.dim", "48"), setup=_copy_run),
     Case("ckpt-truncated-shard", T(), ("step_000002", "corrupt"), setup=_truncate_shard),
