@@ -368,6 +368,10 @@ CASES: list[Case] = [
          setup=_empty_dir),
     Case("peer-import-hf-config-not-json", ("import-hf", "{c}/m", "--out", "{c}/ck"), ("config.json",),
          files={"m/config.json": "{ nope"}),
+    Case("peer-upcycle-missing-folder", ("upcycle", "{c}/nope", "--experts", "4", "--top-k", "2", "--out", "{c}/ck"),
+         ("nope",)),
+    Case("peer-deepspeed-config-not-json", T("--train.engine=deepspeed", "--train.deepspeed_config={c}/ds.json"),
+         ("train.deepspeed_config", "ds.json"), files={"ds.json": "{ not json"}),
     Case("peer-export-hf-missing-checkpoint", ("export-hf", "{c}/nope", "--out", "{c}/hf"), ("nope",)),
 ]
 
