@@ -10,7 +10,7 @@ import json
 import sys
 
 from moe_dist.errors import (EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_RUNTIME, EXIT_TERMINATED,  # noqa: F401
-                             CommandError, bad_input, report)
+                             CommandError, report)
 
 _QUIET_RANK_WAIT_S = 20.0      # how long a rank other than 0 waits before exiting on bad input at start-up
 
@@ -35,80 +35,6 @@ def _judge_layout(cfg):
     """The layout on the launcher's world size: every error about sizes comes before any process group."""
     from moe_dist.parallel.layout import check_layout
     return check_layout(cfg, _launch().world_size)
-
-
-def _available_memory() -> int | None:
-    """Bytes this node can still give (MemAvailable), or None where /proc/meminfo is not there."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _sizes(cfg) -> str:
-    m, e = cfg.model, cfg.moe
-    return (f"model.dim={m.dim}, model.n_layers={m.n_layers}, model.vocab_size={m.vocab_size}, "
-            f"model.dense_hidden={m.dense_hidden}, moe.num_experts={e.num_experts}, moe.expert_hidden={e.expert_hidden}")
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:,.1f} GiB"
-
-
-def _check_memory(cfg, dims) -> None:
-    """Refuse a model whose weights alone cannot fit this node before allocating any of it: an allocator failure
-    comes late (after gigabytes were touched) or not at all (the kernel's OOM killer ends the process)."""
-    import os
-
-    import torch
-
-    from moe_dist.plan import param_counts
-    params = param_counts(cfg, dims).total
-    # A lower bound on what a rank holds: its weights (gradients and AdamW moments come on top).
-    need = params * (2 if cfg.train.dtype == "bfloat16" else 4)
-    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    fix = ("lower those sizes, or spread the model over more ranks (parallel.ep, parallel.tp; `moe-dist plan CONFIG "
-           "--world N` shows the memory per rank)")
-    available = _available_memory()
-    # The model is built on the host before it moves to its GPU, so host memory bounds every rank on the node.
-    if available is not None and need * per_node > available:
-        raise CommandError("memory", f"the weights alone need {_gib(need)} per rank ({params:,} parameters on each "
-                           f"of {per_node} rank(s) here; {_sizes(cfg)}) but this machine has {_gib(available)} "
-                           f"available; {fix}")
-    if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_properties(_launch().local_rank % torch.cuda.device_count()).total_memory
-        if need > gpu:
-            raise CommandError("memory", f"the weights alone need {_gib(need)} per rank ({params:,} parameters; "
-                               f"{_sizes(cfg)}) but a GPU here holds {_gib(gpu)}; {fix}")
-
-
-def _preflight(cfg, dims) -> None:
-    """What this node must provide before any process group starts: writable output folders, the token file,
-    the experts' backend, the optional engine's package, and memory for the weights."""
-    import importlib.util
-
-    from moe_dist.moe.experts import resolve_backend
-    from moe_dist.train import preflight
-    from moe_dist.train.data import check_data
-    # An empty path would mean the current folder (Path("") is "."): never what a config means.
-    for name, value in (("train.out_dir", cfg.train.out_dir), ("data.path", cfg.data.path),
-                        ("checkpoint.dir", cfg.checkpoint.dir)):
-        if value is not None and not value.strip():
-            raise CommandError("config", f"{name} is empty; give a path" + (", or null for the default"
-                                                                             if name == "checkpoint.dir" else ""))
-    preflight.check_outputs(cfg)
-    with bad_input("data", ValueError, OSError):
-        check_data(cfg)
-    with bad_input("config", ValueError):
-        resolve_backend(cfg.moe.backend, cfg.model.dim, cfg.moe.expert_hidden // dims.etp)
-    if cfg.train.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise CommandError("install", "train.engine=deepspeed but deepspeed is not installed; pip install "
-                           "'moe-dist[deepspeed]', or set train.engine=native")
-    _check_memory(cfg, dims)
 
 
 def _start_ranks(cfg, dims):
@@ -146,10 +72,6 @@ def _quiet_unless_first(scope: str) -> None:
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def _quiet_unless_rank0() -> None:
-    _quiet_unless_first("world")
-
-
 def _bad_input(e: BaseException) -> bool:
     from moe_dist.errors import classify
     return classify(e).code == EXIT_BAD_INPUT
@@ -157,6 +79,7 @@ def _bad_input(e: BaseException) -> bool:
 
 def cmd_train(args) -> int:
     from moe_dist.parallel import bootstrap
+    from moe_dist.train import startup
     try:
         cfg = _load_config(args.config, args.overrides)
         dims = _judge_layout(cfg)
@@ -165,7 +88,7 @@ def cmd_train(args) -> int:
             _quiet_unless_first("world")
         raise
     try:
-        _preflight(cfg, dims)
+        startup.check_node(cfg, dims, _launch())
     except Exception as e:               # the same on every rank of this node
         if _bad_input(e):
             _quiet_unless_first("node")
@@ -191,11 +114,10 @@ def _build_trainer(cfg, topo):
         if classify(e).kind != "memory":
             raise
         from moe_dist.plan import param_counts
+        from moe_dist.train.startup import MEMORY_FIX, describe_sizes
         params = param_counts(cfg, topo.dims).total
         raise CommandError("memory", f"allocating the model failed ({str(e).strip().splitlines()[0]}): "
-                           f"{params:,} parameters per rank ({_sizes(cfg)}); lower those sizes, or spread the model "
-                           "over more ranks (`moe-dist plan CONFIG --world N` shows the memory per rank)",
-                           EXIT_RUNTIME) from e
+                           f"{params:,} parameters per rank ({describe_sizes(cfg)}); {MEMORY_FIX}", EXIT_RUNTIME) from e
 
 
 def _train(args, cfg, topo, say) -> int:
