@@ -276,6 +276,16 @@ CASES: list[Case] = [
     Case("bench-layer-replot-missing", ("bench", "layer", "--replot", "{c}/nope.json"), ("nope.json",)),
     Case("tune-capacity-factors-text", ("tune-capacity", str(REPO / "configs" / "tiny-cpu.yaml"), "--quick", "--factors", "x", "--out", "{c}/t"),
          ("argument error", "--factors")),
+    # the prepared folder's own files as the target of a refused command: nothing of them may change
+    Case("prepare-over-existing-tokens-missing-source", ("prepare-data", "{c}/nope.txt", "--out", "{w}/data/tok.bin"),
+         ("nope.txt",)),
+    Case("prepare-over-existing-tokens-bad-jsonl", ("prepare-data", "{c}/docs.jsonl", "--out", "{w}/data/tok.bin"),
+         ("docs.jsonl:2",), files={"docs.jsonl": BAD_JSONL}),
+    Case("train-bad-config-into-a-finished-run", ("train", "{good}", "--train.out_dir={w}/runs/prev", "--moe.top_k=9",
+                                                  "--quiet"), ("moe.top_k=9",)),
+    Case("resume-a-finished-run-with-another-model", ("train", "{good}", "--train.out_dir={w}/runs/prev",
+                                                      "--model.dim=48", "--train.steps=4", "--quiet"),
+         ("model.dim", "48")),
     # ----------------------------------------------------------------------------------------- checkpoints
     Case("ckpt-does-not-fit-the-model", T("--model.dim=48"), ("model.dim", "48"), setup=_copy_run),
     Case("ckpt-truncated-shard", T(), ("step_000002", "corrupt"), setup=_truncate_shard),
