@@ -221,15 +221,23 @@ def held_since(path: str | Path) -> Optional[float]:
 @contextlib.contextmanager
 def hold(folder: Path, enabled: bool = True, field: str = "train.out_dir") -> Iterator[None]:
     """Hold the folder's lock for the block (rank 0 only: `enabled` False on the other ranks); released on
-    return and on any exception."""
+    return and on any exception, after which a folder the lock created and nothing filled is removed again."""
     if not enabled:
         yield
         return
-    acquire(Path(folder), field)
+    folder = Path(folder)
+    created = not folder.exists()
+    acquire(folder, field)
     try:
         yield
-    finally:
-        release(Path(folder))
+    except BaseException:
+        release(folder)
+        # A run refused or failed before writing anything leaves no empty folder behind that it created.
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    else:
+        release(folder)
 
 
 def checkpoint_dir(cfg: Config) -> Path:

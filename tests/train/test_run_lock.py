@@ -102,6 +102,21 @@ def test_released_on_return_and_on_an_exception(tmp_path):
         assert not (tmp_path / LOCK).exists()
 
 
+def test_a_failed_run_removes_only_the_empty_folders_it_created(tmp_path):
+    cfg = config.from_dict({"train": {"out_dir": str(tmp_path / "new" / "run")}})
+    with pytest.raises(KeyError):
+        with run_lock.hold_run(cfg):
+            raise KeyError("refused before any write")
+    assert not (tmp_path / "new" / "run").exists()           # out_dir and its checkpoints/ folder: gone
+    (tmp_path / "kept").mkdir()
+    cfg = config.from_dict({"train": {"out_dir": str(tmp_path / "kept")}})
+    with pytest.raises(KeyError):
+        with run_lock.hold_run(cfg):
+            (tmp_path / "kept" / "metrics.jsonl").write_text("{}")
+            raise KeyError("failed after writing")
+    assert (tmp_path / "kept" / "metrics.jsonl").exists()   # existed before, and holds a file: untouched
+
+
 def test_two_holds_in_one_process_conflict(tmp_path):
     with run_lock.hold(tmp_path):
         with pytest.raises(ConfigError, match=f"pid {os.getpid()} on host"):
