@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("prepare-data", help="build a byte-level token file (default: the Python stdlib source)")
+    d = sub.add_parser("prepare-data", help="build a token file: bytes, an HF tokenizer.json, or a BPE trained on the sources "
+                                               "(default source: the Python stdlib)")
     d.add_argument("sources", nargs="*", help="text files, folders, or .jsonl files with a 'text' field")
     d.add_argument("--out", default="data/stdlib.bin")
     d.add_argument("--max-bytes", type=int, default=None)

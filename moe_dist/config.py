@@ -399,6 +399,9 @@ def validate_moe(m: MoEConfig) -> None:
         raise bad("num_shared_experts", "must be >= 0")
     if m.shared_expert_hidden is not None and m.shared_expert_hidden < 1:
         raise bad("shared_expert_hidden", "must be >= 1, or null for num_shared_experts * expert_hidden")
+    if m.shared_expert_gate and m.num_shared_experts == 0:
+        raise bad("shared_expert_gate", "gates the shared experts, but moe.num_shared_experts=0; add shared experts "
+                  "or set shared_expert_gate false")
 
 
 def validate(cfg: Config) -> None:

@@ -255,6 +255,12 @@ def test_route_scale_positive(rs) -> None:
     _bad(rf"moe\.route_scale={rs}: must be > 0", moe={"route_scale": rs})
 
 
+def test_shared_expert_gate_needs_shared_experts() -> None:
+    _bad(r"moe\.shared_expert_gate=True: gates the shared experts, but moe\.num_shared_experts=0",
+         moe={"shared_expert_gate": True})
+    validate(_cfg(moe={"shared_expert_gate": True, "num_shared_experts": 1}))
+
+
 def test_num_shared_experts_negative() -> None:
     _bad(r"moe\.num_shared_experts=-1: must be >= 0", moe={"num_shared_experts": -1})
 

@@ -25,14 +25,15 @@ from tqdm import tqdm
 
 from moe_dist.config import Config, TrainConfig
 from moe_dist.models.gpt import MoEGPT, ModelOutput
-from moe_dist.parallel.comm import all_reduce_
+from moe_dist.parallel.comm import all_reduce_, where
 from moe_dist.parallel.layout import check_layout
 from moe_dist.parallel.topology import Topology
+from moe_dist.parallel.watchdog import watch_training
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train import preflight, run_lock
 from moe_dist.train.data import Batcher, TokenDataset, check_data
 from moe_dist.train.engine import Engine, EngineFactory, build_engine
-from moe_dist.train.metrics import MetricsLogger
+from moe_dist.train.metrics import MetricsLogger, check_wandb
 from moe_dist.train.native_engine import build_optimizer  # noqa: F401  (imported from here by callers)
 
 
@@ -104,7 +105,9 @@ class Trainer:
         check_layout(cfg, topo.dims)
         # Paths and data before the model: a wrong folder or a token file too small fails now, not at the
         # first save or the final evaluation.
-        preflight.check_outputs(cfg)
+        # Only rank 0 probes the run locks: another rank's probe could collide with rank 0's own lock.
+        preflight.check_outputs(cfg, check_locks=topo.rank == 0)
+        check_wandb(cfg.train.wandb_project)
         if batcher is None:
             check_data(cfg)
         # Seeds: weights come from (train.seed, name) whatever the layout (MoEGPT.reset_parameters); the global
@@ -235,9 +238,10 @@ class Trainer:
     def resume(self) -> int:
         """Load the checkpoint that checkpoint.resume asks for; returns the step to continue from (0: fresh)."""
         c = self.cfg.checkpoint
-        if c.resume == "never":
-            return 0
         root = self.engine.checkpoint_root(self.checkpoint_root)
+        if c.resume == "never":
+            ckpt.check_fresh_start(root, self.topo)      # a folder with another run's checkpoints is refused
+            return 0
         found = ckpt.find_on_rank0(root, c.fallback, self.topo, say=self._say)
         if found is None:
             if c.resume == "must":
@@ -296,8 +300,11 @@ class Trainer:
             on_step: Optional[Callable[[StepResult], None]] = None) -> History:
         """Train until `steps` optimizer steps are done (default train.steps), resuming first per
         checkpoint.resume; saves every checkpoint.every steps, at the end, and on SIGTERM. Rank 0 holds the
-        output folder's lock throughout: a second run into the same folder is refused, naming this one."""
-        with run_lock.hold(Path(self.cfg.train.out_dir), enabled=self.is_logger):
+        locks of the output folder and of the checkpoint folder throughout: a second run into either is refused,
+        naming this one. The watchdog (parallel.stall_warn_s) and parallel.debug_sync run for the whole fit."""
+        p = self.cfg.parallel
+        with run_lock.hold_run(self.cfg, enabled=self.is_logger), \
+                watch_training(self.model, self.topo, p.stall_warn_s, p.timeout_s, p.debug_sync):
             return self._fit(steps, progress, on_step)
 
     def _fit(self, steps: Optional[int], progress: bool,
@@ -309,14 +316,16 @@ class Trainer:
         progress = progress and self.is_logger
         moe_ids = [i for i, b in enumerate(self.model.blocks) if b.is_moe]
         log = MetricsLogger(t.out_dir, enabled=self.is_logger, moe_layer_ids=moe_ids, tensorboard=t.tensorboard,
-                            resume_step=start if self.resumed_from else None)
+                            resume_step=start if self.resumed_from else None, wandb_project=t.wandb_project,
+                            config=self.cfg)
         tty = progress and sys.stderr.isatty()
         bar = tqdm(total=steps, initial=min(start, steps), disable=not tty, dynamic_ncols=True, desc="train")
         t_start = time.perf_counter()
         try:
             with self._sigterm_sets_flag():
                 for step in range(start, steps):
-                    r = self.train_step(step)
+                    with where(step=step):         # names the step in watchdog and debug-sync reports
+                        r = self.train_step(step)
                     self.history.steps.append(r)
                     self._log(log, r, tokens_per_step, steps, progress, tty, bar)
                     if step == start:

@@ -162,3 +162,23 @@ def test_a_run_that_cannot_start_is_a_config_error(tmp_path: Path, monkeypatch) 
     monkeypatch.setattr(wandb, "init", refuse)
     with pytest.raises(ConfigError, match=r"wandb could not start a run \(api_key not configured.*WANDB_MODE=offline"):
         MetricsLogger(tmp_path / "run", enabled=True, tensorboard=False, wandb_project="p")
+
+
+@needs_wandb
+def test_trainer_logs_to_wandb(tmp_path: Path, offline: Path) -> None:
+    """The Trainer hands train.wandb_project and the config to the logger: the offline run holds the train and
+    eval rows and the config's sections."""
+    from moe_dist.train.data import prepare
+    from moe_dist.train.trainer import Trainer
+    from trainer_helpers import make_cfg, tiny
+    prepare(None, tmp_path / "tok.bin", max_bytes=50_000)
+    raw = tiny()
+    raw["data"] = {"path": str(tmp_path / "tok.bin")}
+    cfg = make_cfg(raw, out_dir=str(tmp_path / "run"), steps=3, eval_every=2, eval_batches=1,
+                   wandb_project="proj")
+    Trainer(cfg).fit(progress=False)
+    [run_dir] = offline.glob("wandb/offline-run-*")
+    rows, info = _history(run_dir)
+    assert info["project"] == "proj" and info["name"] == "run" and info["config"]["train"]["steps"] == 3
+    assert [r["step"] for r in rows if "train/loss" in r] == [0, 1, 2]
+    assert [r["step"] for r in rows if "eval/val_loss" in r] == [2, 3]
