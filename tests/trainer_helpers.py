@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 import copy
+import itertools
+import os
+import re
+import tempfile
+import uuid
+from pathlib import Path
 
 import torch
 
 from moe_dist import config
+
+
+# One folder per pytest session (set here, inherited by the ranks a test spawns), one per test, one per config a
+# process makes: checkpoint.resume=never refuses a folder holding another run's checkpoints, so runs must not
+# share one. The ranks of one run make their configs in the same order, so they agree on the folder.
+os.environ.setdefault("MOE_DIST_TEST_SESSION", uuid.uuid4().hex[:8])
+_CONFIGS_MADE = itertools.count()
+
+
+def fresh_out_dir() -> str:
+    test = os.environ.get("PYTEST_CURRENT_TEST", "no-test").split(" ")[0]
+    role = "rank" if "RANK" in os.environ else "main"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", test)[-100:]
+    return str(Path(tempfile.gettempdir()) / "moe_dist_trainer_test" / os.environ["MOE_DIST_TEST_SESSION"]
+               / f"{name}-{role}{next(_CONFIGS_MADE)}")
 
 
 def tiny(tp=1, ep=1, etp=1, **moe) -> dict:
@@ -16,7 +37,7 @@ def tiny(tp=1, ep=1, etp=1, **moe) -> dict:
                 "balance_over": "global_batch", "num_shared_experts": 1, **moe},
         "parallel": {"tp": tp, "ep": ep, "etp": etp},
         "train": {"batch_size": 2, "seq_len": 8, "lr": 1e-2, "warmup_steps": 0, "steps": 4, "grad_clip": 0.5,
-                  "tensorboard": False, "out_dir": "/tmp/moe_dist_trainer_test"},
+                  "tensorboard": False, "out_dir": fresh_out_dir()},
         "checkpoint": {"resume": "never"},
     }
 

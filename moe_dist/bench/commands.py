@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from moe_dist.subcommands import add_command
+
 # (command path, module, help)
 _COMMANDS = [
     (("bench", "layer"), "moe_dist.bench.layer",
@@ -38,13 +40,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "directory, or where --out says")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     for path, module, help_ in _COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue                  # a command whose module is not written yet is simply absent
-        parent = bench_sub if path[0] == "bench" else sub
-        p = parent.add_parser(path[-1], help=help_)
-        mod.add_arguments(p)
-        p.set_defaults(func=_run(module))
+        add_command(bench_sub if path[0] == "bench" else sub, path[-1], module, help_, run=_run)

@@ -122,6 +122,19 @@ def write_step0(model: MoEGPT, cfg: Config, root: Path, record: dict[str, Any],
     return path
 
 
+def publish(model: MoEGPT, cfg: Config, root: Path, record: dict[str, Any], src: Path, cfg_path: Path,
+            header: str, what: str, say: Callable[[str], None]) -> tuple[Path, Path]:
+    """The end of import-hf and upcycle: the step-0 checkpoint, then the YAML config beside it, then one line
+    on the model (`what` and its parameter counts) and where both went."""
+    from moe_dist.models.gpt import count_parameters
+    path = write_step0(model, cfg, root, record, carried_from=src)
+    write_atomic(cfg_path, config_yaml(cfg, header))
+    n = count_parameters(model, cfg)
+    say(f"{what}, {n['total'] / 1e6:.2f}M parameters ({n['active'] / 1e6:.2f}M active)")
+    say(f"checkpoint: {path}\nconfig: {cfg_path}")
+    return path, cfg_path
+
+
 def read_record(root: Path) -> Optional[dict[str, Any]]:
     f = Path(root) / RECORD
     if not f.is_file():

@@ -3,7 +3,8 @@ arguments and keeps `transformers`/`safetensors` imports inside its functions.""
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from moe_dist.subcommands import add_command
 
 # (command, module, help): each module provides add_arguments(parser) and run(args) -> exit code.
 _COMMANDS = [
@@ -18,20 +19,6 @@ _COMMANDS = [
 ]
 
 
-def _run(module: str):
-    def run(args) -> int:
-        return importlib.import_module(module).run(args)
-    return run
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     for name, module, help_ in _COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue                  # a command whose module is not written yet is simply absent
-        p = sub.add_parser(name, help=help_)
-        mod.add_arguments(p)
-        p.set_defaults(func=_run(module))
+        add_command(sub, name, module, help_)

@@ -56,7 +56,6 @@ def fill_model(model: torch.nn.Module, rules: list[mapping.Rule], weights: HFWei
 def convert(model_dir: str | Path, out: str | Path, config_out: str | Path | None = None,
             say=print) -> tuple[Path, Path]:
     """Import; returns (checkpoint step folder, config YAML)."""
-    from moe_dist.models.gpt import count_parameters
     src, root = Path(model_dir), Path(out)
     raw = read_config_json(src)
     where = str(src / "config.json")
@@ -78,16 +77,11 @@ def convert(model_dir: str | Path, out: str | Path, config_out: str | Path | Non
     model = ckpt_io.empty_model(cfg)
     fill_model(model, rules, weights)
     record = {"family": fam.name, "source": str(src.resolve()), "config_json": raw}
-    path = ckpt_io.write_step0(model, cfg, root, record, carried_from=src)
     header = (f"moe_dist config of the {fam.name} model imported from {src} by `moe-dist import-hf`.\n"
               f"Train: moe-dist train {cfg_path} --data.path=TOKENS (a token file of vocabulary "
               f"{cfg.model.vocab_size}; the checkpoint.dir below resumes from the imported weights).")
-    ckpt_io.write_atomic(cfg_path, ckpt_io.config_yaml(cfg, header))
-    n = count_parameters(model, cfg)
-    say(f"import-hf: {fam.name} ({families.config_summary(cfg)}), {n['total'] / 1e6:.2f}M parameters "
-        f"({n['active'] / 1e6:.2f}M active)")
-    say(f"checkpoint: {path}\nconfig: {cfg_path}")
-    return path, cfg_path
+    return ckpt_io.publish(model, cfg, root, record, src, cfg_path, header,
+                           f"import-hf: {fam.name} ({families.config_summary(cfg)})", say)
 
 
 def run(args) -> int:

@@ -92,7 +92,6 @@ def upcycled_router(D: int, E: int, G: int, std: float, seed: int, layer: int) -
 
 def convert(model_dir: str | Path, out: str | Path, experts: int, top_k: int, granularity: int = 1,
             aux_loss_coef: float = 0.01, config_out: str | Path | None = None, say=print) -> tuple[Path, Path]:
-    from moe_dist.models.gpt import count_parameters
     src, root = Path(model_dir), Path(out)
     raw = read_config_json(src)
     where = str(src / "config.json")
@@ -141,16 +140,11 @@ def convert(model_dir: str | Path, out: str | Path, experts: int, top_k: int, gr
     tokens = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in raw}
     record = {"family": None if qkv_bias else "mixtral", "source": str(src.resolve()), "config_json": tokens,
               "upcycled": {"from": mt, "experts": E, "top_k": top_k, "granularity": G}}
-    path = ckpt_io.write_step0(model, cfg, root, record, carried_from=src)
     header = (f"moe_dist config of an MoE model upcycled from the dense {mt} model in {src} by `moe-dist upcycle`\n"
               f"({E} copies of each MLP x {G} pieces = {E * G} experts, top-{top_k * G}). Train: moe-dist train "
               f"{cfg_path} --data.path=TOKENS")
-    ckpt_io.write_atomic(cfg_path, ckpt_io.config_yaml(cfg, header))
-    n = count_parameters(model, cfg)
-    say(f"upcycle: {mt} -> {families.config_summary(cfg)}, {n['total'] / 1e6:.2f}M parameters "
-        f"({n['active'] / 1e6:.2f}M active)")
-    say(f"checkpoint: {path}\nconfig: {cfg_path}")
-    return path, cfg_path
+    return ckpt_io.publish(model, cfg, root, record, src, cfg_path, header,
+                           f"upcycle: {mt} -> {families.config_summary(cfg)}", say)
 
 
 def run(args) -> int:
