@@ -33,15 +33,17 @@ $(DATA): | $(STAMP)
 
 # Expert-parallel training on CPU ranks: 4 gloo processes, experts split over ep=2, data over dp=4
 # (edp=2 copies of each expert). Progress and the per-expert load across ranks print on rank 0; the loss
-# curve and the expert-load heatmap land in runs/tiny-cpu/. resume=never: every `make demo` trains afresh
-# (a plain `moe-dist train` would resume from the checkpoint the previous demo saved).
+# curve and the expert-load heatmap land in runs/tiny-cpu/<date-time>/: every `make demo` trains afresh in a
+# folder of its own and leaves earlier demos' runs as they were. torchrun's agent runs through
+# moe_dist.parallel.torchrun_agent, which reports a failed launch as one line instead of torch's traceback.
 # OMP_NUM_THREADS=1 is what torchrun sets when it is unset, where it also prints a banner saying so; the CLI then
 # gives each rank its share of the cores (torch.set_num_threads), so the value only silences the banner.
 NPROC ?= 4
-DEMO_ARGS ?= --parallel.ep=2 --train.steps=300 --train.eval_every=50 --checkpoint.resume=never
+DEMO_ARGS ?= --parallel.ep=2 --train.steps=300 --train.eval_every=50
 demo: venv $(DATA)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) \
-		-m moe_dist.cli train configs/tiny-cpu.yaml $(DEMO_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/python -m moe_dist.parallel.torchrun_agent --standalone \
+		--nproc_per_node $(NPROC) -m moe_dist.cli train configs/tiny-cpu.yaml \
+		--train.out_dir=runs/tiny-cpu/$$(date +%Y%m%d-%H%M%S) $(DEMO_ARGS)
 
 # pytest's own exit code is kept in .cache/pytest-exit-code because make reports every failure
 # as 2; 5 means no tests were collected, which counts as a failure.
