@@ -48,7 +48,8 @@ from moe_dist.train.checkpoint.safe_load import load_weights_only
 from moe_dist.train.checkpoint.state import data_fields, layout_of, shape_fields
 from moe_dist.train.checkpoint.store import CheckpointError
 from moe_dist.train.engine import Engine
-from moe_dist.train.native_engine import ADAMW_BETAS, ADAMW_EPS, adamw_groups, peak_allocated, tensor_bytes
+from moe_dist.train.adamw import ADAMW_BETAS, ADAMW_EPS, adamw_groups
+from moe_dist.train.engine import peak_allocated, tensor_bytes
 
 # Keys of the DeepSpeed JSON that our config owns: a user file may repeat them only with the same value.
 _OWNED = {"train_micro_batch_size_per_gpu": "train.batch_size",

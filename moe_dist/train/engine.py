@@ -122,11 +122,12 @@ def weights_autocast(model: torch.nn.Module):
     return contextlib.nullcontext()
 
 
-def build_engine(cfg: Config, topo: Topology, model: MoEGPT) -> Engine:
-    """The engine `train.engine` names, around `model` (already on its device)."""
-    if cfg.train.engine == "deepspeed":
-        # Imported only when asked for: deepspeed is an optional extra and slow to import.
-        from moe_dist.train.deepspeed_engine import DeepSpeedEngine
-        return DeepSpeedEngine(cfg, topo, model)
-    from moe_dist.train.native_engine import NativeEngine
-    return NativeEngine(cfg, topo, model)
+def tensor_bytes(tensors) -> int:
+    return sum(x.numel() * x.element_size() for x in tensors if x is not None)
+
+
+def peak_allocated(device: torch.device) -> dict[str, int]:
+    """{"peak_allocated": bytes} on a GPU (torch.cuda.max_memory_allocated), {} on the CPU."""
+    if device.type == "cuda":
+        return {"peak_allocated": int(torch.cuda.max_memory_allocated(device))}
+    return {}

@@ -16,38 +16,14 @@ from typing import Any, Optional
 
 import torch
 
-from moe_dist.config import Config, TrainConfig
+from moe_dist.config import Config
 from moe_dist.models.gpt import MoEGPT, ModelOutput
 from moe_dist.parallel.grads import clip_gradients, reduce_gradients
 from moe_dist.parallel.topology import Topology
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train import precision
-from moe_dist.train.engine import Engine, weights_autocast
-
-
-def adamw_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict]:
-    """Matrices decay; norms, biases and other vectors do not (they set scales, not features)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-ADAMW_BETAS, ADAMW_EPS = (0.9, 0.95), 1e-8
-
-
-def build_optimizer(model: MoEGPT, t: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(adamw_groups(model, t), lr=t.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS)
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(x.numel() * x.element_size() for x in tensors if x is not None)
-
-
-def peak_allocated(device: torch.device) -> dict[str, int]:
-    """{"peak_allocated": bytes} on a GPU (torch.cuda.max_memory_allocated), {} on the CPU."""
-    if device.type == "cuda":
-        return {"peak_allocated": int(torch.cuda.max_memory_allocated(device))}
-    return {}
+from moe_dist.train.adamw import build_optimizer
+from moe_dist.train.engine import Engine, peak_allocated, tensor_bytes, weights_autocast
 
 
 class NativeEngine(Engine):

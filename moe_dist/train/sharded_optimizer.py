@@ -48,7 +48,7 @@ from moe_dist.config import TrainConfig
 from moe_dist.parallel.comm import all_gather_into_tensor_, all_reduce_, reduce_scatter_tensor_
 from moe_dist.parallel.grads import norm_from_squares
 from moe_dist.parallel.topology import Group, Topology
-from moe_dist.train.native_engine import ADAMW_BETAS, ADAMW_EPS, adamw_groups
+from moe_dist.train.adamw import ADAMW_BETAS, ADAMW_EPS, adamw_groups
 
 BUCKET_ELEMS = 1 << 24          # 16M elements: 64 MiB of fp32 gradient per reduce-scatter
 KINDS = ("dense", "dense_tp", "tp_partial", "expert")

@@ -32,9 +32,9 @@ from moe_dist.parallel.watchdog import watch_training
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train import preflight, run_lock
 from moe_dist.train.data import Batcher, TokenDataset, check_data
-from moe_dist.train.engine import Engine, EngineFactory, build_engine
+from moe_dist.train.engine import Engine, EngineFactory
 from moe_dist.train.metrics import MetricsLogger, check_wandb
-from moe_dist.train.native_engine import build_optimizer  # noqa: F401  (imported from here by callers)
+from moe_dist.train.adamw import build_optimizer  # noqa: F401  (imported from here by callers)
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -44,6 +44,16 @@ def lr_at(step: int, t: TrainConfig) -> float:
     span = max(t.steps - t.warmup_steps, 1)
     progress = min((step - t.warmup_steps) / span, 1.0)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_engine(cfg: Config, topo: Topology, model: MoEGPT) -> Engine:
+    """The engine `train.engine` names, around `model` (already on its device)."""
+    if cfg.train.engine == "deepspeed":
+        # Imported only when asked for: deepspeed is an optional extra and slow to import.
+        from moe_dist.train.deepspeed_engine import DeepSpeedEngine
+        return DeepSpeedEngine(cfg, topo, model)
+    from moe_dist.train.native_engine import NativeEngine
+    return NativeEngine(cfg, topo, model)
 
 
 @dataclass

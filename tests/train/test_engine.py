@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moe_dist.train.data import prepare
-from moe_dist.train.engine import Engine, build_engine
+from moe_dist.train.engine import Engine
+from moe_dist.train.trainer import build_engine
 from moe_dist.train.native_engine import NativeEngine
 from moe_dist.train.sharded_optimizer import FlatAdamW
 from moe_dist.train.trainer import Trainer
