@@ -381,6 +381,9 @@ def check_data(cfg) -> None:
     naming data.path, the sizes and the fix."""
     path = Path(cfg.data.path)
     label = f"data.path={cfg.data.path}"
+    if path.is_dir():
+        raise ConfigError(f"{label} is a folder, not a token file; point data.path at the file `moe-dist "
+                          "prepare-data --out` wrote")
     if not path.is_file():
         raise ConfigError(f"{label} does not exist; create it with `moe-dist prepare-data --out {path}` or point "
                           "data.path at a token file")

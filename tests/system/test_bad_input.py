@@ -258,7 +258,7 @@ CASES: list[Case] = [
     Case("yaml-seed-out-of-range", ("train", "{c}/bad.yaml"), ("train.seed=-5",), files={"bad.yaml": "train:\n  seed: -5\n"}),
     # -------------------------------------------------------------------------------------------- data files
     Case("data-missing", T("--data.path={c}/nope.bin"), ("nope.bin",)),
-    Case("data-is-a-folder", T("--data.path={c}"), ("data.path",)),
+    Case("data-is-a-folder", T("--data.path={c}"), ("data.path", "is a folder, not a token file")),
     Case("prepare-source-missing", ("prepare-data", "{c}/nope.txt", "--out", "{c}/o.bin"), ("nope.txt",)),
     Case("prepare-jsonl-bad-json", ("prepare-data", "{c}/docs.jsonl", "--out", "{c}/o.bin"), ("docs.jsonl:2",),
          files={"docs.jsonl": BAD_JSONL}),
