@@ -181,6 +181,18 @@ def test_an_edited_meta_json_fails_its_checksum(tmp_path):
         store.verify(final)
 
 
+def test_an_edited_step_does_not_make_the_fallback_skip_valid_checkpoints(tmp_path):
+    """step_000003's meta.json edited to say step 2 (its checksum then fails): the fallback takes step_000002,
+    the newest valid one, not step_000001 (the edited value must not decide what counts as previous)."""
+    for step in (1, 2, 3):
+        final = write_step(tmp_path, step)
+    meta = json.loads((final / "meta.json").read_text())
+    meta["step"] = 2
+    (final / "meta.json").write_text(json.dumps(meta))
+    path, found = store.find(tmp_path, fallback=True, say=lambda line: None)
+    assert path.name == "step_000002" and found["step"] == 2
+
+
 @pytest.mark.parametrize("change,expect", [
     (dict(step=None), "has no valid step (None)"),
     (dict(step="2"), "has no valid step ('2')"),

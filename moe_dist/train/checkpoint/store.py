@@ -354,8 +354,14 @@ def _by_step(root: Path) -> list[tuple[int, Path]]:
 
 
 def _recorded_step(path: Path, default: int) -> int:
+    """The step meta.json records, when it can be trusted (it matches its own checksum, or predates checksums);
+    else `default` (the name's): an edited step must not reorder checkpoints, e.g. make a fallback skip valid
+    ones that lie between the edited value and the real one."""
     try:
-        step = json.loads((path / META_NAME).read_bytes().decode()).get("step")
+        meta = json.loads((path / META_NAME).read_bytes().decode())
+        step = meta.get("step")
+        if META_SUM in meta and meta[META_SUM] != _meta_digest(meta):
+            return default
     except (OSError, ValueError, AttributeError):
         return default
     return step if isinstance(step, int) and not isinstance(step, bool) else default
