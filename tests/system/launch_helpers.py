@@ -127,3 +127,16 @@ def mpirun_found() -> str | None:
         return mpirun_or_skip()
     except pytest.skip.Exception:
         return None
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc: no extra package needed)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue                                 # the process ended while we looked
+        if int(fields[1]) == pid:                    # fields[0] is the state, fields[1] the parent pid
+            kids.append(int(stat.parent.name))
+    return kids

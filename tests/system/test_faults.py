@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from distributed import free_port
-from launch_helpers import (CONFIG, LAUNCH, SMALL, args_for, run_all, script_env, tokens,  # noqa: F401
+from launch_helpers import (CONFIG, LAUNCH, SMALL, args_for, children, run_all, script_env, tokens,  # noqa: F401
                             train_records)
 
 TIMEOUT_S = 8          # parallel.timeout_s of the fault runs: rendezvous and every collective
@@ -135,18 +135,6 @@ def test_a_world_that_does_not_match_the_config_is_refused_before_training(token
 # ---------------------------------------------------------------------------------------------------
 # Elastic restart: torchrun.sh with MAX_RESTARTS=1, a worker killed after a checkpoint.
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (from /proc: no extra package needed)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue                                 # the process ended while we looked
-        if int(fields[1]) == pid:                    # fields[0] is the state, fields[1] the parent pid
-            kids.append(int(stat.parent.name))
-    return kids
-
 
 def _rank_of(pid: int) -> int | None:
     try:
@@ -195,7 +183,7 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint_with_no_step_los
         # Kill rank 1 once a checkpoint exists and some steps after it ran (they must be redone, not kept twice).
         while killed is None and time.monotonic() < end and agent.poll() is None:
             if _last_logged_step(metrics) >= KILL_AFTER:
-                killed = next((pid for pid in _children(agent.pid) if _rank_of(pid) == 1), None)
+                killed = next((pid for pid in children(agent.pid) if _rank_of(pid) == 1), None)
                 if killed:
                     os.kill(killed, signal.SIGKILL)
             time.sleep(0.02)

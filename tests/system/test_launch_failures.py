@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from distributed import free_port
-from launch_helpers import LAUNCH, args_for, run_all, script_env, tokens  # noqa: F401
+from launch_helpers import LAUNCH, args_for, children, run_all, script_env, tokens  # noqa: F401
 from moe_dist.errors import CommandError
 from moe_dist.parallel import torchrun_agent
 
@@ -163,25 +163,12 @@ def test_sigterm_to_the_agent_saves_and_exits_143(tokens, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (from /proc)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue                                 # the process ended while we looked
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 @pytest.mark.slow
 def test_a_worker_killed_by_a_signal_is_named(tokens, tmp_path):
     """A worker killed by SIGKILL (the OOM killer's signal) prints nothing; the agent names it and exits 1."""
     proc = _start_training(tokens, tmp_path)
     _wait_for_steps(proc, tmp_path / "run" / "metrics.jsonl", 3)
-    workers = _children(proc.pid)
+    workers = children(proc.pid)
     assert workers, "the agent has no worker processes"
     os.kill(max(workers), signal.SIGKILL)
     rc, _, err = _finish(proc)
