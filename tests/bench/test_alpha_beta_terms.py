@@ -110,32 +110,3 @@ def test_mixtral_64_h100_next_to_the_published_468():
     assert 0.6 * 468 < native.tflops_per_gpu < e.tflops_per_gpu
     print(f"Mixtral 8x7B, 64 H100: {e.tflops_per_gpu:.0f} TFLOP/s/GPU with the reduction overlapped, "
           f"{native.tflops_per_gpu:.0f} without; published 468")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("qk_norm,recompute", [("full", "moe"), ("per_head", "block"), ("full", "block")])
-def test_counted_tp_collectives_with_qk_norm_and_recompute_equal_the_measured(tmp_path, qk_norm, recompute):
-    # tp=2 on 2 gloo ranks: the full q/k norm's all-reduces, the per-head norms' tp-partial gradients, and what
-    # recompute=moe / block run again, against the calls and bytes the ranks issue.
-    import yaml
-
-    from moe_dist.bench.ranks import run_ranks, train_and_measure
-    from moe_dist.train.data import prepare
-    tokens = tmp_path / "tok.bin"
-    prepare(None, tokens, max_bytes=100_000)
-    raw = {"model": {"dim": 16, "n_layers": 3, "n_heads": 2, "max_seq_len": 16, "dense_hidden": 32,
-                     "moe_every": 2, "qk_norm": qk_norm},
-           "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 16, "num_shared_experts": 1,
-                   "shared_expert_gate": True, "aux_loss_coef": 0.01, "z_loss_coef": 0.001},
-           "parallel": {"tp": 2},
-           "train": {"seq_len": 16, "batch_size": 2, "grad_accum_steps": 2, "recompute": recompute,
-                     "warmup_steps": 0, "out_dir": str(tmp_path / "run")},
-           "data": {"path": str(tokens)}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    cfg = config.load(tmp_path / "c.yaml")
-    res = run_ranks(train_and_measure, 2, cfg, 2, 1)
-    tc = ab.tp_collectives(cfg, check_layout(cfg, 2))
-    for r in res:
-        for step in range(2):
-            assert r["tp_calls_by_op"][step] == {"all_reduce": tc.all_reduce_calls, "all_gather": tc.all_gather_calls}
-            assert r["tp_bytes_by_op"][step] == {"all_reduce": tc.all_reduce_bytes, "all_gather": tc.all_gather_bytes}

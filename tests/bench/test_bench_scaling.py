@@ -195,17 +195,23 @@ def test_tp_fit_falls_back_when_not_identifiable():
     assert ab.fit_tp([], 5e-5, 1e9) == (5e-5, 1e9, "all-to-all fit reused")
 
 
-@pytest.mark.parametrize("recompute", [True, False])
-def test_counted_tp_collectives_equal_the_measured_ones_on_two_ranks(tmp_path, recompute):
+@pytest.mark.parametrize("qk_norm,gate,recompute", [
+    ("none", False, "block"), ("none", False, "none"),
+    # The full q/k norm's all-reduces, the per-head norms' and the shared gate's tp-partial gradients, and what
+    # recompute=moe / block run again.
+    pytest.param("full", True, "moe", marks=pytest.mark.slow),
+    pytest.param("per_head", True, "block", marks=pytest.mark.slow),
+    pytest.param("full", True, "block", marks=pytest.mark.slow)])
+def test_counted_tp_collectives_equal_the_measured_ones_on_two_ranks(tmp_path, qk_norm, gate, recompute):
     from moe_dist.bench.ranks import run_ranks, train_and_measure
     tokens = tmp_path / "tok.bin"
     prepare(None, tokens, max_bytes=100_000)
     raw = {"model": {"dim": 16, "n_layers": 3, "n_heads": 2, "max_seq_len": 16, "dense_hidden": 32,
-                     "moe_every": 2},
+                     "moe_every": 2, "qk_norm": qk_norm},
            "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 16, "num_shared_experts": 1,
-                   "aux_loss_coef": 0.01, "z_loss_coef": 0.001},
+                   "shared_expert_gate": gate, "aux_loss_coef": 0.01, "z_loss_coef": 0.001},
            "parallel": {"tp": 2},
-           "train": {"seq_len": 16, "batch_size": 2, "grad_accum_steps": 2, "recompute": "block" if recompute else "none",
+           "train": {"seq_len": 16, "batch_size": 2, "grad_accum_steps": 2, "recompute": recompute,
                      "warmup_steps": 0, "out_dir": str(tmp_path / "run")},
            "data": {"path": str(tokens)}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
