@@ -16,13 +16,14 @@ host sync; the in-flight record then covers only the launch, so this watchdog re
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
 import threading
 import time
 from dataclasses import asdict
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -167,6 +168,7 @@ class _LayerLabels:
     def __init__(self, model: torch.nn.Module):
         self.handles = []
         for name, module in model.named_modules():
+            # By class name: moe_dist.moe sits above this package, which must not import it.
             if type(module).__name__ == "MoELayer":
                 self.handles.append(module.register_forward_pre_hook(self._enter(name)))
                 self.handles.append(module.register_forward_hook(self._leave, always_call=True))
@@ -188,22 +190,14 @@ class _LayerLabels:
             h.remove()
 
 
-class watch_training:
+@contextlib.contextmanager
+def watch_training(model: torch.nn.Module, topo: Topology, stall_warn_s: float, timeout_s: float,
+                   debug_sync: bool = False) -> Iterator[Watchdog]:
     """What a training run enters once: the watchdog thread, MoE-layer labels on the model's collectives, and
     `parallel.debug_sync`. The loop labels each step itself with `comm.where(step=...)`."""
-
-    def __init__(self, model: torch.nn.Module, topo: Topology, stall_warn_s: float, timeout_s: float,
-                 debug_sync: bool = False):
-        self.watchdog = Watchdog(topo, stall_warn_s, timeout_s)
-        self.model, self.debug_sync = model, debug_sync
-
-    def __enter__(self) -> Watchdog:
-        self._labels = _LayerLabels(self.model)
-        self._sync = comm.debug_sync(self.debug_sync)
-        self._sync.__enter__()
-        return self.watchdog.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        self.watchdog.__exit__(*exc)
-        self._sync.__exit__(*exc)
-        self._labels.remove()
+    labels = _LayerLabels(model)
+    try:
+        with comm.debug_sync(debug_sync), Watchdog(topo, stall_warn_s, timeout_s) as watchdog:
+            yield watchdog
+    finally:
+        labels.remove()
