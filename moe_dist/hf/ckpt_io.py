@@ -56,10 +56,10 @@ def default_config_path(root: Path) -> Path:
 def refuse_used_root(root: Path, config_out: Optional[Path] = None) -> None:
     """--out must be a new (or empty of checkpoints) folder this user can write; judged before any work."""
     from moe_dist.train.checkpoint import LATEST_NAME, complete_checkpoints
-    from moe_dist.train.preflight import _check_writable_dir     # the one judge of output folders
-    _check_writable_dir(root, "--out")
+    from moe_dist.train.preflight import check_writable_dir      # the one judge of output folders
+    check_writable_dir(root, "--out")
     if config_out is not None:
-        _check_writable_dir(config_out.parent, "--config-out's folder")
+        check_writable_dir(config_out.parent, "--config-out's folder")
     if (root / LATEST_NAME).exists() or complete_checkpoints(root):
         raise ConfigError(f"--out {root} already holds checkpoints; choose a new folder (an import never mixes "
                           "with another run's checkpoints)")

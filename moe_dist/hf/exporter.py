@@ -100,8 +100,8 @@ def export(checkpoint: str | Path, out: str | Path, config_path: Optional[str] =
     root, dest = Path(checkpoint), Path(out)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ConfigError(f"--out {dest} exists and is not empty; choose a new folder")
-    from moe_dist.train.preflight import _check_writable_dir     # the one judge of output folders
-    _check_writable_dir(dest, "--out")
+    from moe_dist.train.preflight import check_writable_dir      # the one judge of output folders
+    check_writable_dir(dest, "--out")
     if not root.is_dir():
         raise ConfigError(f"{root} is not a checkpoint folder")
     record = ckpt_io.read_record(root)

@@ -11,7 +11,7 @@ from moe_dist.config import Config, ConfigError
 from moe_dist.train import run_lock
 
 
-def _check_writable_dir(path: Path, field: str) -> None:
+def check_writable_dir(path: Path, field: str) -> None:
     """`path` is a folder this process can write into, or could be created as one; nothing is created."""
     if path.is_symlink() and not path.exists():
         raise ConfigError(f"{field}={str(path)!r} is a broken symbolic link (to {os.readlink(path)!r}); point "
@@ -37,9 +37,9 @@ def check_outputs(cfg: Config, check_locks: bool = False) -> None:
     `check_locks` (rank 0), neither is locked by another run, so that a second run is refused before it builds
     its model rather than when `fit` takes the locks."""
     out, ck = Path(cfg.train.out_dir), run_lock.checkpoint_dir(cfg)
-    _check_writable_dir(out, "train.out_dir")
+    check_writable_dir(out, "train.out_dir")
     ck_field = "checkpoint.dir" if cfg.checkpoint.dir is not None else "train.out_dir (its checkpoints/ folder)"
-    _check_writable_dir(ck, ck_field)
+    check_writable_dir(ck, ck_field)
     if check_locks:
         run_lock.check_free(out, "train.out_dir")
         run_lock.check_free(ck, "checkpoint.dir")
