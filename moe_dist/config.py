@@ -84,6 +84,12 @@ class ParallelConfig:
     timeout_s: float = 300.0
     stall_warn_s: float = 60.0          # a collective with no progress this long is reported, every interval
     debug_sync: bool = False            # ranks compare (step, layer, split sizes) before each all-to-all
+    pp: int = 1                         # pipeline stages (the slowest axis of both views)
+    pp_virtual: int = 1                 # model chunks (virtual stages) per pp rank; > 1 only with interleaved
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    # Layers per virtual stage in model order: pp·pp_virtual entries summing to model.n_layers; null = an even
+    # split with the extra layers on the middle stages (the first holds the embedding, the last the head).
+    pp_layers: Optional[list[int]] = None
 
 
 @dataclass(kw_only=True)
@@ -179,6 +185,14 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)][0]
         return _coerce(path, value, inner)
+    if origin is list:
+        if isinstance(value, str):
+            # A list given as text (an environment variable or a quoted YAML value): "4,4" or "[4, 4]".
+            text = value.strip().removeprefix("[").removesuffix("]")
+            value = [v.strip() for v in text.split(",")] if text.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r} must be a list, e.g. [2, 3, 3, 2]")
+        return [_coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path}={value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
