@@ -16,7 +16,8 @@ from moe_dist.train.checkpoint.dcp_io import load, save
 from moe_dist.train.checkpoint.safe_load import load_weights_only
 from moe_dist.train.checkpoint.shards import ShardView, shard_chunks
 from moe_dist.train.checkpoint.state import (check_compatible, data_fields, describe_layout, layout_of,
-                                             materialize_optimizer_state, shape_fields, state_for_dcp)
+                                             materialize_optimizer_state, same_layout, shape_fields,
+                                             state_for_dcp)
 from moe_dist.train.checkpoint.store import (FORMAT, LATEST_NAME, META_NAME, CheckpointError, CheckpointSaveError,
                                              check_fresh_start, complete_checkpoints, find, find_on_rank0, prune,
                                              step_dir_name, verify)
@@ -24,4 +25,4 @@ from moe_dist.train.checkpoint.store import (FORMAT, LATEST_NAME, META_NAME, Che
 __all__ = ["CheckpointError", "CheckpointSaveError", "ShardView", "shard_chunks", "save", "load", "find",
            "find_on_rank0", "verify", "check_fresh_start", "check_compatible", "prune", "complete_checkpoints",
            "layout_of", "state_for_dcp", "step_dir_name", "describe_layout", "FORMAT", "LATEST_NAME", "META_NAME",
-           "materialize_optimizer_state", "shape_fields", "data_fields", "load_weights_only"]
+           "materialize_optimizer_state", "same_layout", "shape_fields", "data_fields", "load_weights_only"]

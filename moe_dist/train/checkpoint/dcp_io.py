@@ -20,8 +20,8 @@ from moe_dist.parallel.topology import Topology
 from moe_dist.train.checkpoint import store
 from moe_dist.train.checkpoint.safe_load import SafeReader
 from moe_dist.train.checkpoint.shards import ShardLoadPlanner, ShardSavePlanner
-from moe_dist.train.checkpoint.state import (OptimizerState, data_fields, layout_of, restore, shape_fields,
-                                             state_for_dcp)
+from moe_dist.train.checkpoint.state import (OptimizerState, data_fields, layout_of, restore, same_layout,
+                                             shape_fields, state_for_dcp)
 from moe_dist.train.checkpoint.store import CheckpointError
 
 
@@ -46,18 +46,21 @@ def save(root: str | Path, step: int, model, optimizer: OptimizerState, cfg: Con
                      planner=ShardSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
                      process_group=topo.world.handle)
 
-    meta = {"shape": shape_fields(cfg), "data": data_fields(cfg), "layout": layout_of(topo),
+    meta = {"shape": shape_fields(cfg), "data": data_fields(cfg), "layout": layout_of(topo, cfg),
             "torch": torch.__version__, **(extra or {})}
     return store.write(root, step, topo, keep, fill, meta)
 
 
-def load(path: Path, meta: dict[str, Any], model, optimizer: OptimizerState, topo: Topology) -> bool:
+def load(path: Path, meta: dict[str, Any], model, optimizer: OptimizerState, topo: Topology,
+         cfg: Optional[Config] = None) -> bool:
     """Fill model, optimizer state, buffers (and this rank's RNG when the layout is the one saved) in place
-    from a verified checkpoint; returns whether the RNG state was restored."""
-    same_layout = meta["layout"] == layout_of(topo)
+    from a verified checkpoint; returns whether the RNG state was restored. `cfg` (default: the model's)
+    gives the pipeline split the layout comparison needs. Each rank asks only for its own entries (its
+    stage's, with pipeline stages), wherever in the checkpoint's files they were written."""
+    same = same_layout(meta["layout"], layout_of(topo, cfg or model.cfg))
     reader = SafeReader(path)
     stored = reader.read_metadata().state_dict_metadata
-    state = state_for_dcp(model, optimizer, topo, rng=same_layout, fill=False)
+    state = state_for_dcp(model, optimizer, topo, rng=same, fill=False)
     for key in [k for k in state if k.startswith("rng.") and k not in stored]:
         del state[key]                         # e.g. saved on a CPU machine, resumed on a GPU one
     missing = sorted(k for k in state if k not in stored)

@@ -2,18 +2,24 @@
 
 Every parameter and its AdamW state (exp_avg, exp_avg_sq, step) as the GLOBAL tensor (sharded ones as
 `ShardView`s), the persistent buffers (the DeepSeek expert bias), one RNG state per rank, and the step (the lr
-schedule and the batcher are pure functions of the step, so the step is their whole state). The optimizer is either a torch optimizer (its per-parameter state is saved in place) or a flat one
+schedule and the batcher are pure functions of the step, so the step is their whole state). The optimizer is
+either a torch optimizer (its per-parameter state is saved in place) or a flat one
 (`moe_dist.train.sharded_optimizer.FlatAdamW`, sharded or with fp32 master weights) that rebuilds the same
 per-parameter tensors for the save and takes them back after the load (`FlatState`): the entries do not depend
 on how the optimizer holds them, so a sharded run's checkpoint loads unsharded and the other way round.
-meta.json records
-the config fields that fix shapes (a mismatch is refused), those that fix the data order (a mismatch is
-reported), and the layout (the RNG state is restored only on the layout it was saved with).
+
+With pipeline stages each rank holds, and saves, only its stage's layers (and the embedding on the first
+stage, the final norm and head on the last), under the model's global names (`blocks.<i>.…`): the entries
+differ from rank to rank, DCP's global plan joins them, and a load in any other split (another pp, pp_virtual
+or pp_layers, as well as ep/tp/dp) reads each entry from whichever rank's file holds it.
+
+meta.json records the config fields that fix shapes (a mismatch is refused), those that fix the data order (a
+mismatch is reported), and the layout (the RNG state is restored only on the layout it was saved with).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Optional, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -119,13 +125,50 @@ def data_fields(cfg: Config) -> dict[str, Any]:
     return {f"{sec}.{f}": getattr(getattr(cfg, sec), f) for sec, fields in DATA_FIELDS.items() for f in fields}
 
 
-def layout_of(topo: Topology) -> dict[str, int]:
+def layout_of(topo: Topology, cfg: Optional[Config] = None) -> dict[str, Any]:
+    """The layout meta.json records. With pipeline stages (pp > 1) it adds `pp`, and with `cfg` the virtual
+    stages per rank (`pp_virtual`) and the layers of each virtual stage in model order (`pp_layers`, the split
+    the run uses, so an explicit even split and the default one are the same layout). A pp = 1 layout is
+    recorded exactly as before pipelines existed: older checkpoints compare equal to it, and older readers
+    read ours."""
     d = topo.dims
-    return {"world": d.world, "tp": d.tp, "ep": d.ep, "etp": d.etp, "dp": d.dp, "edp": d.edp}
+    out: dict[str, Any] = {"world": d.world, "tp": d.tp, "ep": d.ep, "etp": d.etp, "dp": d.dp, "edp": d.edp}
+    pp = getattr(d, "pp", 1)
+    if pp > 1:
+        out["pp"] = pp
+        if cfg is not None:
+            from moe_dist.pipeline.stages import stage_layers      # pp > 1 only: plain arithmetic, no torch
+            p = cfg.parallel
+            out["pp_virtual"] = p.pp_virtual
+            out["pp_layers"] = [len(r) for r in stage_layers(cfg.model.n_layers, pp, p.pp_virtual, p.pp_layers)]
+    return out
 
 
-def describe_layout(layout: dict[str, int]) -> str:
-    return f"world={layout['world']} tp={layout['tp']} ep={layout['ep']} etp={layout['etp']} dp={layout['dp']}"
+def _normal(layout: dict[str, Any]) -> dict[str, Any]:
+    """A recorded layout with its pipeline fields made explicit: no `pp` means one stage (a checkpoint of a
+    version before pipelines, or pp = 1), whose virtual stages and split say nothing more."""
+    out = {**layout, "pp": layout.get("pp", 1)}
+    if out["pp"] == 1:
+        out.pop("pp_virtual", None)
+        out.pop("pp_layers", None)
+    return out
+
+
+def same_layout(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether a checkpoint's recorded layout is this run's: then rank r holds the same shards and the same
+    layers as the rank r that saved, and its RNG state continues exactly."""
+    return _normal(saved) == _normal(now)
+
+
+def describe_layout(layout: dict[str, Any]) -> str:
+    text = f"world={layout['world']} tp={layout['tp']} ep={layout['ep']} etp={layout['etp']} dp={layout['dp']}"
+    if layout.get("pp", 1) > 1:
+        text += f" pp={layout['pp']}"
+        if layout.get("pp_virtual", 1) > 1:
+            text += f" pp_virtual={layout['pp_virtual']}"
+        if "pp_layers" in layout:
+            text += f" pp_layers={','.join(map(str, layout['pp_layers']))}"
+    return text
 
 
 def check_compatible(meta: dict[str, Any], cfg: Config, path: Path) -> list[str]:
