@@ -207,3 +207,40 @@ def test_cli_train_resumes_from_latest(tmp_path, corpus, capsys):
     assert [r["step"] for r in recs if r["kind"] == "memory"] == [0, 2]     # the first step of each run
     assert cli.main(argv + ["--train.steps=3", "--model.dim=48"]) == 2
     assert "model.dim 32 (checkpoint) vs 48 (config)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ pipeline layouts
+
+def _pp_cfg(pp=2, n_layers=4, **parallel):
+    raw = tiny(1, 2, 1)
+    raw["model"]["n_layers"] = n_layers
+    raw["parallel"].update({"pp": pp, **parallel})
+    return make_cfg(raw)
+
+
+OLD_LAYOUT = {"world": 4, "tp": 1, "ep": 2, "etp": 1, "dp": 4, "edp": 2}    # as written before pipelines
+
+
+def test_a_layout_without_stages_is_recorded_as_before():
+    """pp = 1 adds no key: a checkpoint of an older version is the same layout (its RNG state is restored),
+    and an older version reads ours."""
+    topo = Topology.virtual(ParallelDims(world=4, ep=2), 0)
+    assert ckpt.layout_of(topo, _pp_cfg(pp=1)) == ckpt.layout_of(topo) == OLD_LAYOUT
+    assert ckpt.same_layout(OLD_LAYOUT, ckpt.layout_of(topo))
+    assert ckpt.describe_layout(OLD_LAYOUT) == "world=4 tp=1 ep=2 etp=1 dp=4"
+
+
+def test_a_pipeline_layout_records_stages_virtual_stages_and_the_split():
+    topo = Topology.virtual(ParallelDims(world=4, ep=2, pp=2), 3)
+    layout = ckpt.layout_of(topo, _pp_cfg())
+    assert layout == {"world": 4, "tp": 1, "ep": 2, "etp": 1, "dp": 2, "edp": 1, "pp": 2, "pp_virtual": 1,
+                      "pp_layers": [2, 2]}
+    assert ckpt.describe_layout(layout) == "world=4 tp=1 ep=2 etp=1 dp=2 pp=2 pp_layers=2,2"
+    # The split the run uses is what counts: the default even split and the same split written out agree.
+    assert ckpt.same_layout(layout, ckpt.layout_of(topo, _pp_cfg(pp_layers=[2, 2])))
+    uneven = ckpt.layout_of(topo, _pp_cfg(pp_layers=[1, 3]))
+    assert not ckpt.same_layout(layout, uneven) and uneven["pp_layers"] == [1, 3]
+    assert not ckpt.same_layout(layout, OLD_LAYOUT)
+    interleaved = ckpt.layout_of(topo, _pp_cfg(pp_virtual=2, pp_schedule="interleaved"))
+    assert interleaved["pp_virtual"] == 2 and interleaved["pp_layers"] == [1, 1, 1, 1]
+    assert "pp=2 pp_virtual=2 pp_layers=1,1,1,1" in ckpt.describe_layout(interleaved)

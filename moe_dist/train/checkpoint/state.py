@@ -26,6 +26,7 @@ import torch
 from moe_dist.config import Config
 from moe_dist.parallel.tensor_parallel import Shard
 from moe_dist.parallel.topology import Topology
+from moe_dist.pipeline.stages import stage_sizes
 from moe_dist.train.checkpoint.shards import ShardView
 from moe_dist.train.checkpoint.store import CheckpointError
 
@@ -133,14 +134,13 @@ def layout_of(topo: Topology, cfg: Optional[Config] = None) -> dict[str, Any]:
     read ours."""
     d = topo.dims
     out: dict[str, Any] = {"world": d.world, "tp": d.tp, "ep": d.ep, "etp": d.etp, "dp": d.dp, "edp": d.edp}
-    pp = getattr(d, "pp", 1)
+    pp = d.pp
     if pp > 1:
         out["pp"] = pp
         if cfg is not None:
-            from moe_dist.pipeline.stages import stage_layers      # pp > 1 only: plain arithmetic, no torch
             p = cfg.parallel
             out["pp_virtual"] = p.pp_virtual
-            out["pp_layers"] = [len(r) for r in stage_layers(cfg.model.n_layers, pp, p.pp_virtual, p.pp_layers)]
+            out["pp_layers"] = stage_sizes(cfg.model.n_layers, pp, p.pp_virtual, p.pp_layers)
     return out
 
 
