@@ -60,6 +60,25 @@ BAD = [
     (["--parallel.world_size=4"], 1, "parallel.world_size=4 but 1 rank was launched (a single process); launch 4 "
                                      "ranks with torchrun, mpirun or srun, or set parallel.world_size=1"),
     (["--parallel.ep=0"], 2, "parallel.ep=0: must be >= 1"),
+    # the pipeline (tiny-cpu has 4 layers)
+    (["--parallel.pp=4"], 6, "world size 6 is not divisible by parallel.tp·parallel.pp=1·4 (each of the 4 pipeline "
+                             "stages needs the same number of ranks, a multiple of tp); launch a multiple of 4 ranks "
+                             "or change tp/pp"),
+    (["--parallel.pp=2", "--parallel.ep=4"], 4,
+     "world size 4 is not divisible by parallel.pp·parallel.ep·parallel.etp=2·4·1 (each of the 2 pipeline stages "
+     "holds every expert, split over ep·etp); launch a multiple of 8 ranks or change pp/ep/etp"),
+    (["--parallel.pp=8"], 8, "parallel.pp=8 stages for model.n_layers=4 layers: every stage needs a layer; lower pp "
+                             "to at most 4 or add layers"),
+    (["--parallel.pp=2", "--parallel.pp_layers=[1,2]"], 2,
+     "parallel.pp_layers=[1, 2] sums to 3 but model.n_layers=4; make the layer counts add up to n_layers, or null "
+     "for an even split"),
+    (["--parallel.pp=2", "--train.engine=deepspeed"], 2,
+     "train.engine=deepspeed with parallel.pp=2: DeepSpeed's pipeline engine needs the model as its own "
+     "PipelineModule and does not compose with these MoE layers' expert groups; use train.engine=native for "
+     "pipeline parallelism, or parallel.pp=1"),
+    (["--parallel.pp=2", "--parallel.pp_schedule=interleaved"], 2,
+     "parallel.pp_schedule=interleaved needs parallel.pp >= 2 stages and parallel.pp_virtual >= 2 model chunks per "
+     "stage (got pp=2, pp_virtual=1); set pp_virtual=2 or more (and pp >= 2), or use pp_schedule=1f1b"),
 ]
 IDS = [re.sub(r"\W+", "_", m.split(":")[0].split(" is ")[0])[:40] + f"_w{w}" for _, w, m in BAD]
 
@@ -224,3 +243,62 @@ def test_pad_to_capacity_is_single_process_only() -> None:
 
 def test_world_size_in_config_is_checked_against_the_layout() -> None:
     _bad(r"world size 6 is not divisible by parallel\.ep·parallel\.etp=4·1", parallel={"ep": 4, "world_size": 6})
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+
+def test_pipeline_sizes_positive() -> None:
+    _bad(r"parallel\.pp=0: must be >= 1", parallel={"pp": 0})
+    _bad(r"parallel\.pp_virtual=0: must be >= 1", parallel={"pp_virtual": 0})
+
+
+@pytest.mark.parametrize("parallel,train,match", [
+    ({"pp": 2, "pp_virtual": 2}, {}, r"parallel\.pp_virtual=2 needs parallel\.pp_schedule=interleaved \(got 1f1b; "
+                                     r".*set pp_schedule=interleaved or pp_virtual=1"),
+    ({"pp": 1, "pp_virtual": 2, "pp_schedule": "interleaved"}, {}, r"interleaved needs parallel\.pp >= 2 .*got pp=1"),
+    ({"pp": 2, "pp_virtual": 1, "pp_schedule": "interleaved"}, {}, r"got pp=2, pp_virtual=1\); set pp_virtual=2"),
+    ({"pp": 2, "pp_virtual": 2, "pp_schedule": "interleaved"}, {"grad_accum_steps": 3},
+     r"train\.grad_accum_steps=3 with parallel\.pp_schedule=interleaved must be a multiple of parallel\.pp=2 .*"
+     r"set grad_accum_steps=4 or use pp_schedule=1f1b"),
+    ({"pp": 4, "pp_virtual": 2, "pp_schedule": "interleaved"}, {"grad_accum_steps": 4},
+     r"parallel\.pp·parallel\.pp_virtual=4·2=8 virtual stages for model\.n_layers=4 layers: every stage needs a "
+     r"layer; lower pp·pp_virtual to at most 4"),
+    ({"pp": 2, "pp_layers": [1, 1, 2]}, {}, r"parallel\.pp_layers=\[1, 1, 2\] has 3 entries but there are "
+                                          r"parallel\.pp·parallel\.pp_virtual=2·1=2 virtual stages"),
+    ({"pp": 2, "pp_layers": [5, -1]}, {}, r"parallel\.pp_layers=\[5, -1\] has a negative entry"),
+    ({"pp": 4, "pp_layers": [1, 0, 2, 1]}, {}, r"virtual stage 1 holds no layer; only the first and the last may"),
+    ({"pp": 2, "pp_virtual": 2, "pp_schedule": "interleaved", "pp_layers": [0, 2, 0, 2]}, {"grad_accum_steps": 2},
+     r"virtual stage 2 holds no layer"),
+    ({"pp": 2}, {"engine": "deepspeed"}, r"train\.engine=deepspeed with parallel\.pp=2: DeepSpeed's pipeline engine"),
+])
+def test_pipeline_rules_name_the_fields_and_the_fix(parallel, train, match) -> None:
+    _bad(match, parallel=parallel, train=train)
+
+
+@pytest.mark.parametrize("parallel,train,world,dims", [
+    ({"pp": 2}, {}, 2, ParallelDims(world=2, pp=2)),
+    ({"pp": 2, "ep": 2, "tp": 2}, {}, 8, ParallelDims(world=8, tp=2, ep=2, pp=2)),
+    ({"pp": 4, "pp_layers": [0, 2, 2, 0]}, {}, 4, ParallelDims(world=4, pp=4)),      # empty ends are allowed
+    ({"pp": 2, "pp_virtual": 2, "pp_schedule": "interleaved"}, {"grad_accum_steps": 4}, 4,
+     ParallelDims(world=4, pp=2)),
+    ({"pp": 2, "pp_schedule": "gpipe"}, {"grad_accum_steps": 3}, 2, ParallelDims(world=2, pp=2)),
+])
+def test_good_pipeline_layouts_return_their_dims(parallel, train, world, dims) -> None:
+    assert check_layout(_cfg(parallel=parallel, train=train), world) == dims
+
+
+def test_topology_with_other_stages_is_refused():
+    with pytest.raises(LayoutError, match=r"the topology is world=4 dense: dp=4×tp=1 .* but the config asks for "
+                                          r"world=4 dense: pp=2×dp=2×tp=1 .*\(parallel\.tp/ep/etp/pp\)"):
+        check_layout(_cfg(parallel={"pp": 2}), ParallelDims(world=4))
+
+
+def test_bubble_warning_when_micro_batches_are_fewer_than_stages() -> None:
+    from moe_dist.parallel.layout import bubble_fraction, layout_warnings
+    cfg = _cfg(parallel={"pp": 4}, train={"grad_accum_steps": 2})
+    assert layout_warnings(cfg, check_layout(cfg, 4)) == [
+        "train.grad_accum_steps=2 is below parallel.pp=4: runs, but the pipeline bubble is (p−1)/(m+p−1) = 60% of "
+        "the step; raise train.grad_accum_steps (to 16: 16%)"]
+    assert layout_warnings(_cfg(parallel={"pp": 4}, train={"grad_accum_steps": 4})) == []
+    assert layout_warnings(_cfg(train={"grad_accum_steps": 1})) == []
+    assert bubble_fraction(4, 2) == 3 / 5 and bubble_fraction(4, 8, 2) == 3 / 19
