@@ -343,6 +343,31 @@ CASES: list[Case] = [
     Case("slurm-port-range", ("slurm.sbatch", "{good}"), ("MASTER_PORT=65536",), env={"MASTER_PORT": "65536"},
          script=True),
     Case("slurm-config-missing", ("slurm.sbatch", "{c}/nope.yaml"), ("nope.yaml",), script=True),
+    # -------------------------------------------------------------- the pipeline (the prepared model: 2 layers)
+    Case("pp-not-dividing-world", T("--parallel.pp=2"), ("layout error", "world size 3", "parallel.tp·parallel.pp=1·2",
+                                                         "launch a multiple of 2 ranks"),
+         env={"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}),
+    Case("pp-not-dividing-world-plan", ("plan", "{good}", "--world", "3", "--parallel.pp=2"),
+         ("layout error", "world size 3", "parallel.tp·parallel.pp=1·2")),
+    Case("pp-zero", T("--parallel.pp=0"), ("parallel.pp=0",)),
+    Case("pp-more-stages-than-layers", T("--parallel.pp=4"), ("parallel.pp=4", "model.n_layers=2", "lower pp")),
+    Case("pp-layers-not-summing", T("--parallel.pp=2", "--parallel.pp_layers=[1,2]"),
+         ("parallel.pp_layers=[1, 2]", "sums to 3", "model.n_layers=2")),
+    Case("pp-layers-wrong-length", T("--parallel.pp=2", "--parallel.pp_layers=[2]"),
+         ("parallel.pp_layers=[2]", "1 entries", "2 virtual stages")),
+    Case("pp-layers-not-numbers", T("--parallel.pp=2", "--parallel.pp_layers=[1,x]"), ("parallel.pp_layers[1]='x'",)),
+    Case("pp-layers-middle-stage-empty", T("--parallel.pp=3", "--model.n_layers=3", "--parallel.pp_layers=[2,0,1]"),
+         ("parallel.pp_layers=[2, 0, 1]", "virtual stage 1 holds no layer")),
+    Case("pp-with-engine-deepspeed", T("--parallel.pp=2", "--train.engine=deepspeed"),
+         ("train.engine=deepspeed", "parallel.pp=2", "PipelineModule", "train.engine=native")),
+    Case("pp-interleaved-without-virtual", T("--parallel.pp=2", "--parallel.pp_schedule=interleaved"),
+         ("parallel.pp_schedule=interleaved", "pp_virtual=1", "set pp_virtual=2")),
+    Case("pp-virtual-without-interleaved", T("--parallel.pp=2", "--model.n_layers=4", "--parallel.pp_virtual=2"),
+         ("parallel.pp_virtual=2", "parallel.pp_schedule=interleaved")),
+    Case("pp-interleaved-grad-accum-not-multiple", T("--parallel.pp=2", "--model.n_layers=4", "--parallel.pp_virtual=2",
+                                                     "--parallel.pp_schedule=interleaved", "--train.grad_accum_steps=3"),
+         ("train.grad_accum_steps=3", "multiple of parallel.pp=2", "grad_accum_steps=4")),
+    Case("pp-schedule-unknown", T("--parallel.pp_schedule=zerobubble"), ("parallel.pp_schedule",)),
     # ---------------------------------------------------------------- work other parts of the code base own
     Case("peer-data-file-too-small", T("--data.path={c}/small.bin"), ("small.bin",),
          files={"small.bin": b"abc", "small.json": json.dumps({"tokens": 3, "dtype": "uint8", "vocab_size": 256,
@@ -468,6 +493,17 @@ def test_bad_input(case: Case, world: Path, tmp_path: Path, capsys, monkeypatch)
         assert _fill(name, world, c) in errors[0], f"{name!r} not named in: {errors[0]}"
     assert _tree_hash(world, c) == before, "a refused command changed or created files"
     assert not dist.is_initialized()
+
+
+def test_pipeline_bubble_warning_names_the_field_the_value_and_the_fix():
+    """Fewer micro-batches than stages runs (no error) but is reported, with the bubble's share of the step."""
+    from moe_dist.config import Config
+    from moe_dist.parallel.layout import check_layout, layout_warnings
+    cfg = Config()
+    cfg.parallel.pp, cfg.train.grad_accum_steps = 2, 1
+    assert layout_warnings(cfg, check_layout(cfg, 2)) == [
+        "train.grad_accum_steps=1 is below parallel.pp=2: runs, but the pipeline bubble is (p−1)/(m+p−1) = 50% of "
+        "the step; raise train.grad_accum_steps (to 8: 11%)"]
 
 
 def test_the_table_is_large_and_its_ids_unique():
