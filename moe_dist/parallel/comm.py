@@ -10,6 +10,9 @@ Tensor-parallel conventions (Megatron's f / g operators):
     split_rows          forward keep my row block, backward all-gather
     gather_rows         forward all-gather rows,  backward keep my row block
 
+Point-to-point (the pipeline's activations and gradients, outside autograd): `exchange` posts a batch of
+sends and receives together and waits for all of them.
+
 Every collective the package issues goes through `_issue` here, so `observe_collectives` sees each one
 (operation, group, bytes, seconds): the benchmarks count and time communication through that hook instead
 of patching `torch.distributed`. `_issue` also keeps this process's progress (collectives started per group,
@@ -23,7 +26,8 @@ import contextlib
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,7 +40,8 @@ class CollectiveCall:
     """One collective as `observe_collectives` reports it. `nbytes` is the full-size tensor: the input of an
     all-reduce, reduce-scatter, broadcast or all-to-all (what this rank sends), the gathered output of an
     all-gather."""
-    op: str                      # "all_to_all", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier"
+    op: str                      # "all_to_all", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier",
+                                 # "send_recv" (a batch of point-to-point transfers: group = this rank and its peers)
     group: Group
     nbytes: int
     seconds: float               # wall time inside the call (gloo blocks: includes waiting for the peers)
@@ -327,6 +332,53 @@ def all_gather_into_tensor_(out: torch.Tensor, x: torch.Tensor, group: Group) ->
     _issue("all_gather", group, _nbytes(out),
            lambda: dist.all_gather_into_tensor(out, x, group=group.handle))
     return out
+
+
+@dataclass(frozen=True)
+class PeerOp:
+    """One transfer of a point-to-point `exchange`: send `tensor` to, or receive it (in place) from, the global
+    rank `peer`. Gloo matches a send and a receive by (peer, tag); NCCL ignores tags and matches in posting
+    order, so the two ends must post their transfers between them in the same order."""
+    op: Literal["send", "recv"]
+    tensor: torch.Tensor
+    peer: int
+    tag: int = 0
+
+
+def exchange(ops: Sequence[PeerOp], group: Group, timeout_s: Optional[float] = None) -> None:
+    """Post every send and receive of `ops` together (torch.distributed.batch_isend_irecv on `group`, whose
+    members the peers must be) and return once all of them completed; received tensors are filled in place.
+    Posting them together is what keeps two neighbours that both send from waiting on each other (a gloo send
+    does not complete before its receive is posted). A receive waits at most `timeout_s` (default: the
+    group's timeout, parallel.timeout_s): a dead peer ends it with an error, never a hang.
+    For the progress record and the observers the batch is one "send_recv" on the group of this rank and its
+    peers (bytes: what this rank sends)."""
+    if not ops:
+        return
+    if group.handle is None:
+        raise ValueError(f"point-to-point transfers with peers {sorted({o.peer for o in ops})} on a group of one "
+                         f"(ranks {list(group.ranks)})")
+    me = group.ranks[group.rank]
+    for o in ops:
+        if o.peer == me or o.peer not in group.ranks:
+            raise ValueError(f"{o.op} with peer {o.peer}: the peer must be another member of {list(group.ranks)}")
+        if not o.tensor.is_contiguous():
+            raise ValueError(f"{o.op} with peer {o.peer}: the tensor must be contiguous")
+    members = tuple(sorted({me, *(o.peer for o in ops)}))
+    peers = Group(members, members.index(me))           # the record's key; the transfers run on `group`
+    p2p = [dist.P2POp(dist.isend if o.op == "send" else dist.irecv, o.tensor, o.peer, group.handle, o.tag)
+           for o in ops]
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+
+    def run() -> None:
+        works = dist.batch_isend_irecv(p2p)
+        for w in works:            # the host waits here: the next action needs the received tensors
+            if timeout is None:
+                w.wait()
+            else:
+                w.wait(timeout)
+
+    _issue("send_recv", peers, sum(_nbytes(o.tensor) for o in ops if o.op == "send"), run)
 
 
 def exchange_counts(send: torch.Tensor, group: Group) -> torch.Tensor:
