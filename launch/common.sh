@@ -1,5 +1,5 @@
 # Shared by torchrun.sh and mpirun.sh (sourced, so `shift` here consumes the caller's arguments):
-# --help, the config argument, the venv's python, the sizes (checked as whole numbers), the TP/EP/ETP overrides
+# --help, the config argument, the venv's python, the sizes (checked as whole numbers), the TP/EP/ETP/PP overrides
 # and CPU thread defaults. The caller sets USAGE (its variables) first. slurm.sbatch keeps its own copy: sbatch
 # runs a spooled copy of the script, from which this file's path is not known.
 source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
@@ -7,6 +7,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
     echo "usage: ${USAGE:-} $0 [CONFIG] [--section.field=value ...]" >&2
     echo "  CONFIG: the first argument, else \$CONFIG, else configs/tiny-cpu.yaml; the rest are config overrides" >&2
+    echo "  TP, EP, ETP, PP: parallel sizes (parallel.tp/ep/etp/pp: tensor, expert, expert-tensor, pipeline" >&2
+    echo "  stages); empty keeps the config's. NNODES, NPROC_PER_NODE: the ranks (default: one per GPU)" >&2
     exit 0
 fi
 # The config: a first argument that is not an override, else $CONFIG (as launch/deepspeed.sh takes it).
@@ -35,13 +37,16 @@ need_int NPROC_PER_NODE 1 "" "the number of ranks per node, e.g. NPROC_PER_NODE=
 TP=${TP:-}
 EP=${EP:-}
 ETP=${ETP:-}
+PP=${PP:-}
 [[ -z $TP ]] || need_int TP 1 "" "the tensor-parallel size (parallel.tp), or leave it empty for the config's"
 [[ -z $EP ]] || need_int EP 1 "" "the expert-parallel size (parallel.ep), or leave it empty for the config's"
 [[ -z $ETP ]] || need_int ETP 1 "" "the expert tensor-parallel size (parallel.etp), or leave it empty for the config's"
+[[ -z $PP ]] || need_int PP 1 "" "the pipeline stages (parallel.pp), or leave it empty for the config's"
 sizes=()
 [[ -n $TP ]] && sizes+=("--parallel.tp=$TP")
 [[ -n $EP ]] && sizes+=("--parallel.ep=$EP")
 [[ -n $ETP ]] && sizes+=("--parallel.etp=$ETP")
+[[ -n $PP ]] && sizes+=("--parallel.pp=$PP")
 # CPU runs: one intra-op thread per rank unless told otherwise (ranks share the node's cores).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 need_int OMP_NUM_THREADS 1 "" "the intra-op threads per rank, e.g. OMP_NUM_THREADS=1"

@@ -41,6 +41,9 @@ need_int MASTER_PORT 1 65535 "a free TCP port on MASTER_ADDR"
 # Parallel sizes: empty keeps the config's value; set, they become --parallel.* overrides.
 EP=${EP:-}
 [[ -z $EP ]] || need_int EP 1 "" "the expert-parallel size (parallel.ep), or leave it empty for the config's"
+# PP is passed on so that the layout check refuses PP>1 with its reason (the DeepSpeed engine runs no pipeline).
+PP=${PP:-}
+[[ -z $PP ]] || need_int PP 1 "" "the pipeline stages (parallel.pp; DeepSpeed here: 1), or leave it empty"
 # Without a GPU, DeepSpeed's CPU accelerator (gloo); CPU ranks share the cores, one thread each.
 if ! nvidia-smi --list-gpus >/dev/null 2>&1; then
     export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
@@ -64,6 +67,7 @@ fi
 
 sizes=()
 [[ -n $EP ]] && sizes+=("--parallel.ep=$EP")
+[[ -n $PP ]] && sizes+=("--parallel.pp=$PP")
 
 [[ -n $MASTER_ADDR ]] && nodes+=(--master_addr="$MASTER_ADDR")
 

@@ -5,6 +5,7 @@
 #   launch/mpirun.sh [CONFIG] [--section.field=value ...]        (CONFIG also from $CONFIG; default tiny-cpu)
 #
 # One node:   NPROC_PER_NODE=8 EP=8 launch/mpirun.sh configs/mixtral-tiny.yaml
+# Pipeline:   NPROC_PER_NODE=8 PP=2 EP=4 launch/mpirun.sh configs/mixtral-tiny.yaml --train.grad_accum_steps=8
 # Two nodes:  NNODES=2 NPROC_PER_NODE=8 HOSTFILE=hosts EP=8 launch/mpirun.sh configs/mixtral-8x7b.yaml
 #             (HOSTFILE lists the nodes, `node01 slots=8` per line; run it on one node only)
 #

@@ -6,6 +6,8 @@
 # One node:   NPROC_PER_NODE=8 EP=8 launch/torchrun.sh configs/mixtral-tiny.yaml
 # Two nodes:  the same command on each node (MASTER_ADDR: one of them, which hosts the rendezvous):
 #             NNODES=2 MASTER_ADDR=node01 MASTER_PORT=29500 EP=8 TP=2 launch/torchrun.sh configs/mixtral-8x7b.yaml
+# Pipeline:   NPROC_PER_NODE=8 PP=2 EP=4 launch/torchrun.sh configs/mixtral-tiny.yaml --train.grad_accum_steps=8
+#             (PP stages of world/PP ranks each; at least PP micro-batches per step keep the pipeline busy)
 # Restarts:   MAX_RESTARTS=3 restarts every worker after a failure; the trainer resumes from the latest
 #             checkpoint (checkpoint.resume=auto, so set checkpoint.every for a recent one).
 #

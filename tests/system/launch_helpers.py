@@ -22,7 +22,7 @@ WAIT_S = 240
 SMALL = ["--train.steps=3", "--train.batch_size=2", "--train.seq_len=32", "--model.max_seq_len=32",
          "--model.n_layers=2", "--model.dim=64", "--model.dense_hidden=128", "--moe.expert_hidden=64"]
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE",
-                 "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NNODES", "NPROC_PER_NODE", "TP", "EP", "ETP",
+                 "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NNODES", "NPROC_PER_NODE", "TP", "EP", "ETP", "PP",
                  "MAX_RESTARTS", "CONFIG", "PYTHON", "MPIRUN", "MPIRUN_ARGS", "HOSTFILE", "SRUN", "SRUN_ARGS")
 
 

@@ -32,7 +32,7 @@ from moe_dist import cli
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
-                 "GROUP_RANK", "NNODES", "NPROC_PER_NODE", "NUM_GPUS", "NODE_RANK", "TP", "EP", "ETP",
+                 "GROUP_RANK", "NNODES", "NPROC_PER_NODE", "NUM_GPUS", "NODE_RANK", "TP", "EP", "ETP", "PP",
                  "MAX_RESTARTS", "RDZV_TIMEOUT", "SHUTDOWN_TIMEOUT", "CONFIG", "PYTHON", "MPIRUN", "HOSTFILE", "SRUN",
                  "DEEPSPEED")
 
@@ -318,6 +318,8 @@ CASES: list[Case] = [
          env={"MAX_RESTARTS": "-1"}, script=True),
     Case("torchrun-ep-text", ("torchrun.sh", "{good}"), ("EP='x'",), env={"EP": "x"}, script=True),
     Case("torchrun-tp-zero", ("torchrun.sh", "{good}"), ("TP=0",), env={"TP": "0"}, script=True),
+    Case("torchrun-pp-text", ("torchrun.sh", "{good}"), ("PP='two'", "parallel.pp"), env={"PP": "two"}, script=True),
+    Case("slurm-pp-zero", ("slurm.sbatch", "{good}"), ("PP=0", "parallel.pp"), env={"PP": "0"}, script=True),
     Case("torchrun-rdzv-timeout-text", ("torchrun.sh", "{good}"), ("RDZV_TIMEOUT='soon'",),
          env={"RDZV_TIMEOUT": "soon"}, script=True),
     Case("torchrun-omp-threads-text", ("torchrun.sh", "{good}"), ("OMP_NUM_THREADS='all'",),

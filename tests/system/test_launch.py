@@ -128,3 +128,23 @@ def test_a_layout_that_does_not_fit_is_refused_once_before_any_rank_starts(scrip
     [(rc, _, err)] = run_all([([sys.executable, "-m", "moe_dist.cli", "plan", CONFIG, "--world", "2",
                                 "--parallel.ep=4"], script_env())], cwd=tmp_path, wait_s=60)
     assert (rc, err.strip()) == (2, LAYOUT_ERROR)
+
+
+@pytest.mark.parametrize("script,env,message", [
+    ("torchrun.sh", {"NPROC_PER_NODE": "2", "PP": "4"},
+     "world size 2 is not divisible by parallel.tp·parallel.pp=1·4 (each of the 4 pipeline stages needs the same "
+     "number of ranks, a multiple of tp); launch a multiple of 4 ranks or change tp/pp"),
+    ("deepspeed.sh", {"NUM_GPUS": "2", "PP": "2", "CONFIG": CONFIG},
+     "train.engine=deepspeed with parallel.pp=2: DeepSpeed's pipeline engine needs the model as its own "
+     "PipelineModule and does not compose with these MoE layers' expert groups; use train.engine=native for "
+     "pipeline parallelism, or parallel.pp=1"),
+])
+def test_pp_reaches_the_layout_check(script, env, message, tokens, tmp_path):
+    """PP= becomes --parallel.pp and is judged on the world about to start, before any rank starts."""
+    args = args_for(tokens, tmp_path / "run", "--model.n_layers=4")
+    if script == "deepspeed.sh":
+        args = args[1:]                             # the config from $CONFIG
+    [(rc, _, err)] = run_all([([str(LAUNCH / script), *args], script_env(**env))], cwd=tmp_path, wait_s=120)
+    assert rc == 2
+    assert [line for line in err.splitlines() if line.startswith("moe-dist:")] == [f"moe-dist: layout error: {message}"]
+    assert not (tmp_path / "run").exists()
