@@ -495,3 +495,37 @@ def test_balance_over_choices() -> None:
     with pytest.raises(ConfigError, match=r"moe\.balance_over='batch' is not allowed; choose one of "
                                           r"'micro_batch', 'global_batch'"):
         from_dict({"moe": {"balance_over": "batch"}})
+
+
+# ---------------------------------------------------------------------------- pipeline fields (parallel.pp*)
+
+def test_pipeline_defaults_are_one_stage() -> None:
+    p = Config().parallel
+    assert (p.pp, p.pp_virtual, p.pp_schedule, p.pp_layers) == (1, 1, "1f1b", None)
+
+
+@pytest.mark.parametrize("text,expected", [("[1,2,1]", [1, 2, 1]), ("1,2,1", [1, 2, 1]), ("[3]", [3]),
+                                           ("null", None), ("[]", [])])
+def test_pp_layers_override_is_a_list_of_integers(text, expected) -> None:
+    assert apply_overrides(Config(), [f"--parallel.pp_layers={text}"]).parallel.pp_layers == expected
+
+
+@pytest.mark.parametrize("value,match", [([1, "x"], r"parallel\.pp_layers\[1\]='x' must be an integer"),
+                                         ([1.5], r"parallel\.pp_layers\[0\]=1\.5 must be an integer"),
+                                         (3, r"parallel\.pp_layers=3 must be a list"),
+                                         ({"a": 1}, r"parallel\.pp_layers=\{'a': 1\} must be a list")])
+def test_pp_layers_must_be_a_list_of_integers(value, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        from_dict({"parallel": {"pp_layers": value}})
+
+
+def test_pp_schedule_lists_its_choices() -> None:
+    with pytest.raises(ConfigError, match=r"parallel\.pp_schedule='zb' is not allowed; choose one of 'gpipe', "
+                                          r"'1f1b', 'interleaved'"):
+        apply_overrides(Config(), ["--parallel.pp_schedule=zb"])
+
+
+def test_pipeline_fields_round_trip_through_to_dict() -> None:
+    cfg = apply_overrides(Config(), ["--parallel.pp=2", "--parallel.pp_virtual=2", "--parallel.pp_schedule=interleaved",
+                                     "--parallel.pp_layers=[1,1,1,1]"])
+    assert from_dict(to_dict(cfg)) == cfg

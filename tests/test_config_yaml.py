@@ -142,3 +142,9 @@ def test_the_largest_seed_seeds_torch_and_numpy():
     torch.manual_seed(SEED_MAX + 7)                          # + the rank
     torch.manual_seed(SEED_MAX * 1_000_003 + 10**9 * 1009 + 4096)  # a resharded resume's formula
     np.random.default_rng([SEED_MAX, 10**9, 4096])
+
+
+def test_a_bad_pp_layers_entry_names_the_field_and_the_line(tmp_path):
+    assert load(_write(tmp_path, "parallel:\n  pp: 2\n  pp_layers: [2, 2]\n")).parallel.pp_layers == [2, 2]
+    assert "c.yaml:3: parallel.pp_layers[1]='two' must be an integer" in _error(
+        tmp_path, "parallel:\n  pp: 2\n  pp_layers: [2, two]\n")
