@@ -6,7 +6,9 @@ store under `moe_dist/watchdog/<rank>`. When a collective has been in flight for
 it, and rank 0 on behalf of any rank, print which collective, where, and which members of its group have not
 arrived (a member that has started fewer collectives on that group), with what those members are doing
 instead, or that they stopped reporting (a frozen or dead process). The report repeats every `stall_warn_s`
-until the collective completes or `parallel.timeout_s` ends the run.
+until the collective completes or `parallel.timeout_s` ends the run. A stalled point-to-point batch (the
+pipeline's activations and gradients, `comm.exchange`) is reported the same way, with its labels (step, stage,
+micro-batch, which transfer) and what each of its peers is doing.
 
 Why the store and a thread: a frozen rank cannot answer a question, so every rank writes its state ahead of
 time, and the thread keeps doing so while the main thread blocks inside gloo. Reads and writes are small
@@ -32,6 +34,7 @@ from moe_dist.parallel import comm
 from moe_dist.parallel.topology import Topology
 
 KEY = "moe_dist/watchdog/"
+P2P_OPS = ("send_recv",)          # comm's point-to-point batches (the pipeline's activations and gradients)
 
 
 def _group_key(ranks: tuple[int, ...]) -> str:
@@ -129,11 +132,38 @@ class Watchdog:
             self.reports.append(line)
             self._say(line)
 
+    def _doing(self, snap: dict[str, Any], now: float) -> str:
+        """What a rank was doing at its last report: frozen or dead (no report for a while), inside an
+        operation, or computing; with the `where` labels."""
+        stale = now - snap["t"]
+        if stale > max(3 * self.poll_s, 2.0):
+            return f"no report for {stale:.0f} s: frozen or dead"
+        doing = snap.get("current")
+        if doing:
+            return (f"inside {doing['op']} #{doing['seq']} of ranks {doing['group']} "
+                    f"({comm._describe_where(doing.get('where') or {})})")
+        return f"computing ({comm._describe_where(snap.get('where') or {})})"
+
     def _describe(self, rank: int, cur: dict[str, Any], age: float, snaps: dict[int, Any], now: float) -> str:
         group = tuple(cur["group"])
         gkey = _group_key(group)
-        name = self._names.get(group, "group")
         where = comm._describe_where(cur.get("where") or {})
+        left = max(self.timeout_s - age, 0.0)
+        who = "" if rank == self.topo.rank else f" rank {rank}:"
+        if cur["op"] in P2P_OPS:
+            # Point-to-point: the record's group is this rank and its peers, and counts of such batches need
+            # not pair up between the two ends, so each peer is described by what it is doing instead.
+            peers = []
+            for member in group:
+                if member == rank:
+                    continue
+                snap = snaps.get(member) if member in snaps else self._read(member)
+                peers.append(f"rank {member} (no report yet)" if snap is None
+                             else f"rank {member} ({self._doing(snap, now)})")
+            return (f"moe-dist: watchdog:{who} {cur['op']} #{cur['seq']} with ranks {list(group)} ({where}) has made "
+                    f"no progress for {age:.0f} s; its peers: {', '.join(peers)}; parallel.timeout_s ends the run "
+                    f"in {left:.0f} s")
+        name = self._names.get(group, "group")
         waiting = []
         for member in group:
             if member == rank:
@@ -143,20 +173,9 @@ class Watchdog:
                 waiting.append(f"rank {member} (no report yet)")
                 continue
             done = snap["started"].get(gkey, 0)
-            stale = now - snap["t"]
             if done >= cur["seq"]:
                 continue                              # it reached this collective (or passed it)
-            doing = snap.get("current")
-            if stale > max(3 * self.poll_s, 2.0):
-                what = f"no report for {stale:.0f} s: frozen or dead"
-            elif doing:
-                what = (f"inside {doing['op']} #{doing['seq']} of ranks {doing['group']} "
-                        f"({comm._describe_where(doing.get('where') or {})})")
-            else:
-                what = f"computing ({comm._describe_where(snap.get('where') or {})})"
-            waiting.append(f"rank {member} ({what}; {done} of this group's collectives started)")
-        left = max(self.timeout_s - age, 0.0)
-        who = "" if rank == self.topo.rank else f" rank {rank}:"
+            waiting.append(f"rank {member} ({self._doing(snap, now)}; {done} of this group's collectives started)")
         return (f"moe-dist: watchdog:{who} {cur['op']} #{cur['seq']} on {name} {list(group)} ({where}) has made no "
                 f"progress for {age:.0f} s; not arrived: {', '.join(waiting) or 'none (all members are inside it)'}"
                 f"; parallel.timeout_s ends the run in {left:.0f} s")

@@ -3,6 +3,7 @@ desynced all-to-all on every member instead of letting it hang. Two gloo ranks e
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -134,3 +135,33 @@ def test_where_labels_nest_and_restore():
                                            "step 2, blocks.1.mlp, backward")])
 def test_places_are_described_for_people(labels, text):
     assert comm._describe_where(labels) == text
+
+
+def _late_stage(rank, world):
+    """pp=2: stage 0 waits for an activation that stage 1 sends only after 3 s of computing."""
+    topo = Topology.build(ParallelDims(world=world, pp=2), timeout_s=60)
+    lines = []
+    buf = torch.full((3,), float(rank))
+    with Watchdog(topo, stall_warn_s=1.0, timeout_s=60, poll_s=0.2, say=lines.append):
+        comm.barrier(topo.world)
+        time.sleep(0.5)
+        with comm.where(step=4, stage=1 - rank, micro=2):
+            if rank == 1:
+                with comm.where(phase="forward"):
+                    time.sleep(3.0)
+            op = "recv" if rank == 0 else "send"
+            with comm.where(kind=f"{op} activation", phase=f"pipeline {op} activation (stage 1, micro 2)"):
+                comm.exchange([comm.PeerOp(op, buf, 1 - rank)], topo.pp)
+    return lines, buf.tolist()
+
+
+def test_a_stalled_pipeline_receive_is_named_with_its_place_and_what_the_peer_does():
+    (lines0, got0), (lines1, _) = run_ranks(_late_stage, 2, timeout=120)
+    assert got0 == [1.0, 1.0, 1.0]                       # the transfer completed: the watchdog only reports
+    assert lines0, "rank 0 reported nothing although its receive waited 3 s with stall_warn_s=1"
+    first = lines0[0]
+    assert re.match(r"moe-dist: watchdog: send_recv #\d+ with ranks \[0, 1\] \(step 4, pipeline recv activation "
+                    r"\(stage 1, micro 2\)\) has made no progress for", first), first
+    assert "its peers: rank 1 (computing (step 4, forward))" in first
+    assert "parallel.timeout_s ends the run in" in first
+    assert lines1 == []
