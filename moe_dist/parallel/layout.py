@@ -148,6 +148,11 @@ def _check_pipeline(cfg: Config) -> None:
         raise LayoutError(f"train.engine=deepspeed with parallel.pp={p.pp}: DeepSpeed's pipeline engine needs the "
                           "model as its own PipelineModule and does not compose with these MoE layers' expert "
                           "groups; use train.engine=native for pipeline parallelism, or parallel.pp=1")
+    if t.shard_optimizer == "states+grads" and p.pp > 1:
+        raise LayoutError(f"train.shard_optimizer=states+grads with parallel.pp={p.pp}: ZeRO-2 does not run with "
+                          "pipeline parallelism (it flushes its gradient shards after each micro-batch's backward "
+                          "over all of a rank's parameters, which a pipeline schedule splits per stage and chunk); use "
+                          "train.shard_optimizer=states (ZeRO-1) or none")
 
 
 def bubble_fraction(pp: int, micro_batches: int, virtual: int = 1) -> float:

@@ -270,6 +270,9 @@ def test_pipeline_sizes_positive() -> None:
     ({"pp": 2, "pp_virtual": 2, "pp_schedule": "interleaved", "pp_layers": [0, 2, 0, 2]}, {"grad_accum_steps": 2},
      r"virtual stage 2 holds no layer"),
     ({"pp": 2}, {"engine": "deepspeed"}, r"train\.engine=deepspeed with parallel\.pp=2: DeepSpeed's pipeline engine"),
+    ({"pp": 2}, {"shard_optimizer": "states+grads"},
+     r"train\.shard_optimizer=states\+grads with parallel\.pp=2: ZeRO-2 does not run with pipeline parallelism .*use "
+     r"train\.shard_optimizer=states \(ZeRO-1\) or none"),
 ])
 def test_pipeline_rules_name_the_fields_and_the_fix(parallel, train, match) -> None:
     _bad(match, parallel=parallel, train=train)

@@ -369,6 +369,8 @@ CASES: list[Case] = [
     Case("pp-interleaved-grad-accum-not-multiple", T("--parallel.pp=2", "--model.n_layers=4", "--parallel.pp_virtual=2",
                                                      "--parallel.pp_schedule=interleaved", "--train.grad_accum_steps=3"),
          ("train.grad_accum_steps=3", "multiple of parallel.pp=2", "grad_accum_steps=4")),
+    Case("pp-with-zero2", T("--parallel.pp=2", "--train.shard_optimizer=states+grads"),
+         ("train.shard_optimizer=states+grads", "parallel.pp=2", "train.shard_optimizer=states")),
     Case("pp-schedule-unknown", T("--parallel.pp_schedule=zerobubble"), ("parallel.pp_schedule",)),
     # ---------------------------------------------------------------- work other parts of the code base own
     Case("peer-data-file-too-small", T("--data.path={c}/small.bin"), ("small.bin",),
