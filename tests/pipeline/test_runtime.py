@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ import torch
 from distributed import run_ranks
 from moe_dist.parallel import comm
 from moe_dist.parallel.topology import ParallelDims, Topology
+from moe_dist.parallel.watchdog import Watchdog
 from moe_dist.pipeline.runtime import run_forward, run_schedule
-from moe_dist.pipeline.schedules import build_schedule
+from moe_dist.pipeline.schedules import build_schedule, in_flight
 
 B, D = 3, 5            # rows per micro-batch, width
 
@@ -27,6 +29,15 @@ def _data(micro_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _layer(v: int) -> torch.nn.Linear:
     torch.manual_seed(100 + v)
     return torch.nn.Linear(D, D)
+
+
+# Activations alive in this process (each rank is its own process): the chunks count their outputs, and the
+# runtime must let each go after its backward, so the peak is the schedule's in-flight count.
+LIVE = {"now": 0, "peak": 0}
+
+
+def _release():
+    LIVE["now"] -= 1
 
 
 class ToyChunk:
@@ -45,6 +56,10 @@ class ToyChunk:
     def forward(self, micro, inp):
         h = self.x[micro * B:(micro + 1) * B] if self.first else inp
         out = torch.tanh(self.layer(h))
+        if torch.is_grad_enabled():
+            LIVE["now"] += 1
+            LIVE["peak"] = max(LIVE["peak"], LIVE["now"])
+            weakref.finalize(out, _release)
         if self.last:
             return torch.nn.functional.mse_loss(out, self.y[micro * B:(micro + 1) * B]) / self.m
         return out
@@ -73,10 +88,13 @@ def _pipeline_rank(rank, world, cases):
         for kind, virtual, m in cases:
             n_stages = world * virtual
             chunks = [ToyChunk(topo.pp.rank + c * world, n_stages, m) for c in range(virtual)]
-            run_schedule(build_schedule(kind, world, virtual, m, topo.pp.rank), topo, chunks, m)
+            actions = build_schedule(kind, world, virtual, m, topo.pp.rank)
+            LIVE.update(now=0, peak=0)
+            run_schedule(actions, topo, chunks, m)
+            held = (LIVE["peak"], LIVE["now"], in_flight(actions))
             grads = {ch.v: (ch.layer.weight.grad, ch.layer.bias.grad) for ch in chunks}
             losses = run_forward(topo, chunks, m)
-            out.append((grads, losses))
+            out.append((grads, losses, held))
     return out, labels
 
 
@@ -85,8 +103,9 @@ def _check(results, cases, world):
         loss, ref = _reference(world * virtual, m)
         grads = {}
         for r in range(world):
-            g, losses = results[r][0][i]
+            g, losses, (peak, left, want) = results[r][0][i]
             grads.update(g)
+            assert (peak, left) == (want, 0), f"{kind} rank {r}: held {peak} activations at most, {left} at the end"
             last = r == world - 1
             assert all((x is not None) == last for x in losses), f"{kind}: only the last stage gets losses"
             if last:
@@ -150,18 +169,22 @@ def _dead_peer(rank, world, how):
         time.sleep(TIMEOUT_S + 1)
         return None
     chunks = [ToyChunk(0, 2, 4)]
+    lines = []
     t0 = time.monotonic()
     try:
-        run_schedule(build_schedule("1f1b", 2, 1, 4, 0), topo, chunks, 4)
+        with Watchdog(topo, stall_warn_s=0.5, timeout_s=TIMEOUT_S, poll_s=0.2, say=lines.append):
+            run_schedule(build_schedule("1f1b", 2, 1, 4, 0), topo, chunks, 4)
     except RuntimeError as e:
-        return time.monotonic() - t0, str(e)
-    return time.monotonic() - t0, "no error"
+        return time.monotonic() - t0, str(e), lines
+    return time.monotonic() - t0, "no error", lines
 
 
 @pytest.mark.parametrize("how", ["exits", "silent"])
 def test_a_dead_or_silent_peer_fails_its_neighbour_within_the_timeout(how):
     results = run_ranks(_dead_peer, 2, how, timeout=60, may_die=(1,))
-    waited, message = results[0]
+    waited, message, lines = results[0]
     assert message != "no error"
     assert waited < TIMEOUT_S + 2, f"rank 0 waited {waited:.1f}s (timeout {TIMEOUT_S}s): {message}"
-    assert "pipeline" in message and "to rank 1" in message, message
+    assert "pipeline send activation (stage 0, micro 0) to rank 1" in message, message
+    if how == "silent":               # the watchdog named the stalled transfer before the timeout ended it
+        assert any("send_recv" in line and "pipeline send activation (stage 0, micro 0)" in line for line in lines), lines
