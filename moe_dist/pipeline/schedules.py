@@ -12,6 +12,9 @@ interleaving; moe_dist.pipeline.stages). Three kinds:
                  In flight on rank r: min((pp−r−1)·2 + (virtual−1)·pp + 1, m·virtual) (micro, chunk) pairs,
                  m·virtual when m == pp.
 
+With a backward twice a forward and free transfers, all three idle (p−1)/(v·m+p−1) of the step (v = 1 for gpipe
+and 1f1b): `simulate` reproduces it exactly (tested).
+
 `exchanges` turns a rank's actions into the batches of sends and receives the runtime posts between them:
 the send of action i's result and the receive of action i+1's input form one batch (Megatron-core's
 send_forward_recv_backward and friends), every op of a batch completes before the next action runs. Both
