@@ -7,13 +7,20 @@ The search space, each dimension a config field the trainer reads:
     train.shard_optimizer                    none, states, states+grads
     train.recompute                          none, moe_act, moe, block
     train.batch_size (the micro-batch)       1, 2, 4, 8, where it divides the global batch
-    parallel.pp                              not yet: `_layouts` is where its sizes go once the config has
-                                             the field and `check_layout` judges it
+    parallel.pp                              every divisor of N up to model.n_layers (the outer loop: tp, ep,
+                                             etp then split the N/pp ranks of a stage), with the 1f1b schedule
+                                             and interleaved with pp_virtual=2 where the micro-batches are a
+                                             multiple of pp (its rounds; check_layout judges the rest) (GPipe is
+                                             left out: the same bubble as 1F1B and more activations);
+                                             the layers split evenly (parallel.pp_layers null)
 The global batch is held fixed, so every candidate trains the same thing: the config's own
-train.batch_size · train.grad_accum_steps · dp sequences (dp = N / parallel.tp of the config), each candidate
-making it up with grad_accum_steps = global / (micro-batch · its dp). Memory is `plan.memory_per_rank`; time is
-`alpha_beta.estimate` with the default H100 constants, compared per token so that micro-batches compare.
-Only the native engine is modelled (DeepSpeed shards by its own ZeRO stage).
+train.batch_size · train.grad_accum_steps · dp sequences (dp = N / (parallel.tp · parallel.pp) of the config),
+each candidate making it up with grad_accum_steps = global / (micro-batch · its dp), which are also its pipeline
+micro-batches. Memory is `plan.memory_per_rank` of the heaviest pipeline stage; time is `alpha_beta.estimate` with
+the default H100 constants (the bubble and the P2P transfers included), compared per token so that micro-batches
+compare. Layouts with fewer micro-batches than stages (grad_accum_steps < pp, the case the trainer warns about)
+rank after every other fitting layout, whatever their predicted time. Only the native engine is modelled
+(DeepSpeed shards by its own ZeRO stage).
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from moe_dist.bench import alpha_beta as ab
 from moe_dist.config import Config, ConfigError, validate
 from moe_dist.parallel.layout import check_layout
 from moe_dist.parallel.topology import ParallelDims
-from moe_dist.plan import Memory, activation_parts, memory_per_rank, memory_terms, param_counts
+from moe_dist.plan import Memory, activation_parts, heaviest_stage, memory_per_rank, memory_terms, param_counts
 
 MICRO_BATCHES = (1, 2, 4, 8)
 SHARD_MODES = ("none", "states", "states+grads")
@@ -82,15 +89,24 @@ class Candidate:
         """Step time over the tokens one rank trains in it (tp ranks share theirs)."""
         return self.step.step_s / self.tokens_per_rank
 
+    @property
+    def few_micro_batches(self) -> bool:
+        """Fewer micro-batches than pipeline stages: most of the step is bubble."""
+        return self.cfg.train.grad_accum_steps < self.dims.pp
+
     def settings(self) -> dict[str, Any]:
-        t, d = self.cfg.train, self.dims
-        return {"tp": d.tp, "ep": d.ep, "etp": d.etp, "dp": d.dp, "edp": d.edp, "pp": 1,
+        t, d, p = self.cfg.train, self.dims, self.cfg.parallel
+        return {"tp": d.tp, "ep": d.ep, "etp": d.etp, "dp": d.dp, "edp": d.edp, "pp": d.pp,
+                "pp_virtual": p.pp_virtual, "pp_schedule": p.pp_schedule if d.pp > 1 else "none",
                 "shard_optimizer": t.shard_optimizer, "recompute": t.recompute, "batch_size": t.batch_size,
                 "grad_accum_steps": t.grad_accum_steps}
 
     def overrides(self) -> str:
         s = self.settings()
-        return (f"--parallel.tp={s['tp']} --parallel.ep={s['ep']} --parallel.etp={s['etp']} "
+        pp = f"--parallel.pp={s['pp']} --parallel.pp_virtual={s['pp_virtual']} "
+        if s["pp"] > 1:
+            pp += f"--parallel.pp_schedule={s['pp_schedule']} "
+        return (f"--parallel.tp={s['tp']} --parallel.ep={s['ep']} --parallel.etp={s['etp']} {pp}"
                 f"--train.shard_optimizer={s['shard_optimizer']} --train.recompute={s['recompute']} "
                 f"--train.batch_size={s['batch_size']} --train.grad_accum_steps={s['grad_accum_steps']}")
 
@@ -105,32 +121,40 @@ class FitResult:
     valid: int = 0
     fits: list[Candidate] = dataclasses.field(default_factory=list)
     rejected: dict[str, int] = dataclasses.field(default_factory=dict)         # reason → candidates
-    too_big: dict[tuple[int, int, int], Candidate] = dataclasses.field(default_factory=dict)  # smallest per layout
+    too_big: dict[tuple[int, ...], Candidate] = dataclasses.field(default_factory=dict)  # smallest per layout
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _layouts(world: int):
-    """(tp, ep, etp) with each size dividing the world (ep·etp too); check_layout judges the rest.
-    Pipeline stages join here as the outer loop once the config has `parallel.pp`: each pp dividing the world,
-    these sizes then over world // pp ranks per stage; `memory_per_rank` counts n_layers/pp layers and
-    `alpha_beta.estimate` adds `pipeline_bubble_seconds`."""
-    for tp in _divisors(world):
-        for ep in _divisors(world):
-            for etp in _divisors(world // ep):
-                yield tp, ep, etp
+PIPELINES = (("1f1b", 1), ("interleaved", 2))    # (schedule, pp_virtual) tried for every pp > 1
+
+
+def _layouts(world: int, n_layers: int):
+    """(pp, schedule, virtual, tp, ep, etp): pp dividing the world (at most one stage per layer), then tp, ep,
+    etp each dividing the world/pp ranks of a stage (ep·etp too); check_layout judges the rest."""
+    for pp in _divisors(world):
+        if pp > n_layers:
+            continue
+        stage = world // pp
+        for sched, v in (PIPELINES if pp > 1 else (("1f1b", 1),)):
+            for tp in _divisors(stage):
+                for ep in _divisors(stage):
+                    for etp in _divisors(stage // ep):
+                        yield pp, sched, v, tp, ep, etp
 
 
 def global_batch(cfg: Config, world: int) -> int:
-    """Sequences per optimizer step in the config's own layout: batch_size · grad_accum_steps · world/tp."""
-    t = cfg.train
-    return t.batch_size * t.grad_accum_steps * max(1, world // max(1, cfg.parallel.tp))
+    """Sequences per optimizer step in the config's own layout: batch_size · grad_accum_steps · world/(tp·pp)."""
+    t, p = cfg.train, cfg.parallel
+    return t.batch_size * t.grad_accum_steps * max(1, world // max(1, p.tp * p.pp))
 
 
-def _candidate(cfg: Config, tp: int, ep: int, etp: int, mb: int, accum: int) -> Config:
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=tp, ep=ep, etp=etp),
+def _candidate(cfg: Config, pp: int, sched: str, v: int, tp: int, ep: int, etp: int, mb: int, accum: int) -> Config:
+    par = dataclasses.replace(cfg.parallel, tp=tp, ep=ep, etp=etp, pp=pp, pp_virtual=v, pp_schedule=sched,
+                              pp_layers=None)
+    return dataclasses.replace(cfg, parallel=par,
                                train=dataclasses.replace(cfg.train, batch_size=mb, grad_accum_steps=accum))
 
 
@@ -142,23 +166,32 @@ def search(cfg: Config, world: int, limit: int, net: ab.Network = ab.Network(),
                           "with --train.engine=native")
     gb = global_batch(cfg, world)
     res = FitResult(world, limit, gb, usable=int(limit * (1 - HEADROOM)))
-    for tp, ep, etp in _layouts(world):
+    for layout in _layouts(world, cfg.model.n_layers):
         for mb in MICRO_BATCHES:
-            _judge(cfg, world, tp, ep, etp, mb, res, net, comp)
-    res.fits.sort(key=lambda c: (c.seconds_per_token, c.memory.total))
+            _judge(cfg, world, layout, mb, res, net, comp)
+    res.fits.sort(key=lambda c: (c.few_micro_batches, c.seconds_per_token, c.memory.total))
     return res
 
 
-def _judge(cfg: Config, world: int, tp: int, ep: int, etp: int, mb: int, res: FitResult,
+def _key(c: Candidate) -> tuple[int, ...]:
+    """The layout of a candidate, for the rejection list: (pp, pp_virtual, tp, ep, etp)."""
+    return c.dims.pp, c.cfg.parallel.pp_virtual, c.dims.tp, c.dims.ep, c.dims.etp
+
+
+def _judge(cfg: Config, world: int, layout: tuple, mb: int, res: FitResult,
            net: ab.Network, comp: ab.Compute) -> None:
+    pp, sched, v, tp, ep, etp = layout
     n_modes = len(SHARD_MODES) * len(RECOMPUTE_MODES)
+    dp = world // (tp * pp) if world % (tp * pp) == 0 else 0
+    if sched == "interleaved" and dp and (res.global_batch // (mb * dp)) % pp:
+        return              # interleaving needs micro-batches in rounds of pp: not a candidate (1F1B covers it)
     res.considered += n_modes
-    if world % tp == 0 and res.global_batch % (mb * (world // tp)):
-        reason = (f"micro-batch {mb} at dp={world // tp}: the global batch of {res.global_batch} sequences is not "
-                  f"a multiple of batch_size·dp={mb * (world // tp)}")
+    if dp and res.global_batch % (mb * dp):
+        reason = (f"micro-batch {mb} at dp={dp}: the global batch of {res.global_batch} sequences is not "
+                  f"a multiple of batch_size·dp={mb * dp}")
         res.rejected[reason] = res.rejected.get(reason, 0) + n_modes
         return
-    base = _candidate(cfg, tp, ep, etp, mb, max(1, res.global_batch // (mb * max(1, world // tp))))
+    base = _candidate(cfg, pp, sched, v, tp, ep, etp, mb, max(1, res.global_batch // (mb * max(1, dp))))
     try:
         validate(base)
         dims = check_layout(base, world)
@@ -166,7 +199,7 @@ def _judge(cfg: Config, world: int, tp: int, ep: int, etp: int, mb: int, res: Fi
         res.rejected[str(e)] = res.rejected.get(str(e), 0) + n_modes
         return
     res.valid += n_modes
-    params = param_counts(base, dims)
+    params = param_counts(base, dims) if pp == 1 else None      # pipeline stages: each stage counts its own
     for shard in SHARD_MODES:
         for rc in RECOMPUTE_MODES:
             c = dataclasses.replace(base, train=dataclasses.replace(base.train, shard_optimizer=shard, recompute=rc))
@@ -176,7 +209,7 @@ def _judge(cfg: Config, world: int, tp: int, ep: int, etp: int, mb: int, res: Fi
             if mem.total <= res.usable:
                 res.fits.append(cand)
             else:
-                key = (tp, ep, etp)
+                key = _key(cand)
                 if key not in res.too_big or mem.total < res.too_big[key].memory.total:
                     res.too_big[key] = cand
 
@@ -196,13 +229,15 @@ def constants(net: ab.Network, comp: ab.Compute) -> dict[str, float]:
 def _rejections(res: FitResult) -> list[dict[str, Any]]:
     """One entry per kind: each distinct layout message, and each (tp, ep, etp) whose every option needs more
     memory than the limit (with its smallest need). Layouts of which some option fits are not listed."""
-    fitting = {(c.dims.tp, c.dims.ep, c.dims.etp) for c in res.fits}
+    fitting = {_key(c) for c in res.fits}
     out = [{"reason": r, "candidates": n} for r, n in res.rejected.items()]
-    for (tp, ep, etp), c in sorted(res.too_big.items()):
-        if (tp, ep, etp) in fitting:
+    for key, c in sorted(res.too_big.items()):
+        if key in fitting:
             continue
         s = c.settings()
-        out.append({"reason": f"tp={tp} ep={ep} etp={etp}: needs {_gib(c.memory.total)} per rank at the least "
+        pp, v, tp, ep, etp = key
+        where = (f"pp={pp}{f' (virtual {v})' if v > 1 else ''} " if pp > 1 else "")
+        out.append({"reason": f"{where}tp={tp} ep={ep} etp={etp}: needs {_gib(c.memory.total)} per rank at the least "
                               f"(shard_optimizer={s['shard_optimizer']}, recompute={s['recompute']}, "
                               f"micro-batch {s['batch_size']}) > {_gib(res.usable)} usable",
                     "needs_bytes": c.memory.total})
@@ -213,9 +248,10 @@ def _row(c: Candidate) -> dict[str, Any]:
     m, e = c.memory, c.step
     return {"settings": c.settings(), "overrides": c.overrides(),
             "memory_bytes": dataclasses.asdict(m) | {"total": m.total},
-            "memory_terms": memory_terms(c.cfg, c.dims, param_counts(c.cfg, c.dims)),
-            "activations_bytes": activation_parts(c.cfg, c.dims),
+            "memory_terms": memory_terms(c.cfg, c.dims),
+            "activations_bytes": activation_parts(c.cfg, c.dims, heaviest_stage(c.cfg, c.dims)),
             "step_s": e.step_s, "seconds_per_token": c.seconds_per_token,
+            "heaviest_stage": heaviest_stage(c.cfg, c.dims), "bubble_fraction": e.bubble_fraction,
             "tokens_per_s_per_gpu": e.tokens_per_s_per_gpu, "tflops_per_gpu": e.tflops_per_gpu,
             "step_terms_s": e.terms(), "dp_reduction_total_s": e.dp_total_s}
 
@@ -244,22 +280,26 @@ def format_fit(res: FitResult, title: str, net: ab.Network, comp: ab.Compute) ->
     if res.fits:
         out.append(f"best {min(SHOWN, len(res.fits))} (fastest per token first; memory in GiB per rank; micro-batches "
                    f"of {seq}-token sequences × accumulation steps):")
-        out.append(f"  {'#':>2} {'tp':>3} {'ep':>3} {'etp':>3} {'shard':<13}{'recompute':<10}{'mb×acc':>7}"
-                   f"{'weights':>10}{'grads':>10}{'optim':>10}{'acts':>10}{'total':>10}"
-                   f"{'step s':>9}{'tok/s/GPU':>11}{'TFLOP/s':>9}")
+        out.append(f"  {'#':>2} {'pp':>3} {'tp':>3} {'ep':>3} {'etp':>3} {'schedule':<14}{'shard':<13}"
+                   f"{'recompute':<10}{'mb×acc':>7}{'weights':>10}{'grads':>10}{'optim':>10}{'acts':>10}"
+                   f"{'total':>10}{'step s':>9}{'bubble':>8}{'tok/s/GPU':>11}{'TFLOP/s':>9}")
         for i, c in enumerate(res.fits[:SHOWN], 1):
             s, m, e = c.settings(), c.memory, c.step
-            out.append(f"  {i:>2} {s['tp']:>3} {s['ep']:>3} {s['etp']:>3} {s['shard_optimizer']:<13}"
+            sched = (s["pp_schedule"] + (f"×{s['pp_virtual']}" if s["pp_virtual"] > 1 else "")) if s["pp"] > 1 else "-"
+            out.append(f"  {i:>2} {s['pp']:>3} {s['tp']:>3} {s['ep']:>3} {s['etp']:>3} {sched:<14}"
+                       f"{s['shard_optimizer']:<13}"
                        f"{s['recompute']:<10}{str(s['batch_size']) + '×' + str(s['grad_accum_steps']):>7}"
                        + "".join(f"{v / 2**30:>10.1f}" for v in (m.weights, m.grads, m.optimizer, m.activations,
                                                                  m.total))
-                       + f"{e.step_s:>9.3f}{e.tokens_per_s_per_gpu:>11,.0f}{e.tflops_per_gpu:>9.0f}")
+                       + f"{e.step_s:>9.3f}{e.bubble_fraction:>8.1%}{e.tokens_per_s_per_gpu:>11,.0f}"
+                       f"{e.tflops_per_gpu:>9.0f}")
         best = res.fits[0]
+        stage = (f" (stage {heaviest_stage(best.cfg, best.dims)}, the heaviest of {best.dims.pp})"
+                 if best.dims.pp > 1 else "")
         out += ["", "  the best layout's overrides:", f"    {best.overrides()}",
                 "  its step: " + ", ".join(f"{k} {v:.3f} s" for k, v in best.step.terms().items() if v),
-                "  its memory: " + "; ".join(f"{k} = {v}" for k, v in
-                                              memory_terms(best.cfg, best.dims,
-                                                           param_counts(best.cfg, best.dims)).items())]
+                f"  its memory{stage}: " + "; ".join(f"{k} = {v}" for k, v in
+                                                     memory_terms(best.cfg, best.dims).items())]
     rej = _rejections(res)
     if rej:
         out += ["", "rejected:"]

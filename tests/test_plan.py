@@ -222,14 +222,19 @@ def test_cli_json(capsys) -> None:
     assert cli.main(["plan", MIXTRAL, "--world", "64", "--parallel.tp=8", "--json"]) == 0
     j = json.loads(capsys.readouterr().out)
     assert list(j) == ["layout", "train", "groups", "ranks", "params", "memory_bytes", "memory_terms",
-                       "activations_bytes", "alltoall"]
+                       "activations_bytes", "alltoall", "pipeline"]
     assert j["train"] == {"weight_bytes": 2, "shard_optimizer": "none", "recompute": "none", "batch_size": 1,
                           "seq_len": 4096, "grad_accum_steps": 1}
     assert set(j["memory_terms"]) == {"weights", "grads", "optimizer", "activations"}
     assert sum(j["activations_bytes"].values()) == j["memory_bytes"]["activations"]
-    assert j["layout"] == {"world": 64, "tp": 8, "dp": 8, "ep": 8, "etp": 1, "edp": 8, "dtype": "bfloat16"}
-    assert list(j["groups"]) == ["tp", "dp", "etp", "ep", "edp", "expert_mp"]
-    assert j["ranks"][9] == {"rank": 9, "tp": 1, "dp": 1, "etp": 0, "ep": 1, "edp": 1, "experts": [1, 1]}
+    assert j["layout"] == {"world": 64, "tp": 8, "dp": 8, "ep": 8, "etp": 1, "edp": 8, "pp": 1, "dtype": "bfloat16"}
+    assert list(j["groups"]) == ["tp", "dp", "etp", "ep", "edp", "expert_mp", "pp", "stage", "embed"]
+    assert j["groups"]["stage"] == [list(range(64))] and j["groups"]["pp"][5] == [5]
+    assert j["ranks"][9] == {"rank": 9, "tp": 1, "dp": 1, "etp": 0, "ep": 1, "edp": 1, "pp": 0, "experts": [1, 1]}
+    # One stage: the pipeline section is trivial (no bubble, no P2P) and its stage is the whole rank.
+    pl = j["pipeline"]
+    assert (pl["pp"], pl["schedule"], pl["bubble_fraction"], pl["p2p"]["bytes_per_step"]) == (1, "none", 0.0, 0)
+    assert pl["stages"][0]["memory_bytes"] == j["memory_bytes"] and pl["stages"][0]["layers"] == [[0, 31]]
     assert j["params"]["global"]["total"] == 46_702_792_704
     assert j["params"]["per_rank"]["expert"] * 8 == j["params"]["global"]["expert"]
     assert set(j["memory_bytes"]) == {"weights", "grads", "optimizer", "activations", "total"}

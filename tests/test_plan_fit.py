@@ -92,7 +92,7 @@ def test_nothing_fits_exits_1_with_one_message(capsys) -> None:
     assert err[0].startswith("moe-dist: plan error: no layout of 8 ranks fits 80.0 GiB (72.0 GiB usable): the "
                              "smallest valid layout needs ")
     assert err[0].endswith("; use more ranks, a larger memory or a shorter train.seq_len")
-    assert "tp=2 ep=8 etp=1: needs 102.6 GiB per rank at the least" in cap.out and "best" not in cap.out
+    assert "pp=4 tp=2 ep=2 etp=1: needs 101.1 GiB per rank at the least" in cap.out and "best" not in cap.out
     assert "more layouts that need more memory (--json lists them)" in cap.out
 
 

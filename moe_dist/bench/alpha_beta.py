@@ -5,7 +5,7 @@ none is fitted to a training throughput the model is compared with.
 
 One optimizer step of one rank, m = train.grad_accum_steps micro-batches:
 
-    step = gemm + non_gemm + recompute + all_to_all + tp + dp_exposed + optimizer + bubble
+    step = gemm + non_gemm + recompute + all_to_all + tp + dp_exposed + optimizer + bubble + pipeline_p2p
     gemm        m · (dense GEMM FLOPs / dense_tflops + expert FLOPs / expert_tflops)
     non_gemm    m · (attention core FLOPs · 1/2 (causal) / attention_tflops
                      + elementwise bytes · 3 / (hbm_tbps · memory_bound_efficiency))
@@ -29,8 +29,18 @@ One optimizer step of one rank, m = train.grad_accum_steps micro-batches:
     optimizer   memory-bound: fp32 accumulation of each micro-batch's gradient when weights are bf16
                 (10 B per element per micro-batch), then clipping and AdamW over the rank's shard (34 B per
                 element with an fp32 master, 32 without)
-    bubble      pipeline parallelism: (pp-1) · one micro-batch's time (1F1B); pp = 1 until `parallel.pp`
-                exists, so 0 today (`pipeline_bubble_seconds`)
+    bubble      pipeline parallelism (p = parallel.pp stages, v = parallel.pp_virtual chunks, m micro-batches):
+                every term above is the bottleneck stage's (the pp rank with the longest own step), and the
+                stages idle for (p-1) slots of one micro-batch on the slowest stage (its gemm + non_gemm +
+                recompute + all_to_all + tp/m), 1/v of a slot each with interleaving (`pipeline_bubble_seconds`):
+                bubble share of the pipelined part (p-1)/(m+p-1) for 1F1B and GPipe, (p-1)/(v·m+p-1) interleaved.
+                The stages' gradient reductions are not credited with their head start in the drain (stage s
+                finishes its backward about s slots before stage 0): an upper bound. With tied embeddings and
+                p > 1 the first and last stage also all-reduce the embedding's fp32 gradient (in dp_exposed).
+    pipeline_p2p  2·(v·m + p - 1) · p2p(mb·S·D·w): one activation and one gradient transfer per slot of the
+                critical path, not overlapped with compute; p2p(b) = alpha + b / B over the link between
+                neighbouring stages (pp is the slowest axis: stages world/pp ranks apart, InfiniBand as soon as
+                a stage fills a node)
     a2a(b)        = alpha_link + max(b_intra / B_intra, b_inter / B_inter)
                     a rank sends b bytes split evenly over its ep-1 peers; the peers on its node take the
                     NVLink share, the others the NIC share, and both go at once (NCCL posts every send);
@@ -68,10 +78,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from moe_dist.config import Config
-from moe_dist.models.gpt import is_moe_layer
 from moe_dist.parallel.topology import ParallelDims
-from moe_dist.plan import (DTYPE_BYTES, FP32, _in_width, _shared_hidden, _width, alltoall_rows_per_layer,
-                           bucket_elements, head_dim, param_counts, shard_elements, weight_bytes)
+from moe_dist.plan import (DTYPE_BYTES, FP32, Stage, _in_width, _shared_hidden, _width, alltoall_rows_per_layer,
+                           bubble_fraction, bucket_elements, head_dim, p2p_per_step, param_counts, schedule_name,
+                           shard_elements, stages, virtual_size, weight_bytes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,25 +146,34 @@ def allreduce_seconds(nbytes: float, n: int, stride: int, net: Network) -> float
     return 2 * (n - 1) * lat * 1e-6 + 2 * (n - 1) / n * nbytes / (bw * 1e9)
 
 
-def _n_moe(cfg: Config) -> int:
-    return sum(is_moe_layer(cfg.model, i) for i in range(cfg.model.n_layers))
+def _pick(cfg: Config, dims: ParallelDims, stage: int | Stage | None, fn, key) -> dict:
+    """fn(stage) for one pipeline stage, or (stage None) the stage whose result has the largest key."""
+    if stage is not None:
+        return fn(stage if isinstance(stage, Stage) else stages(cfg, dims)[stage])
+    return max((fn(st) for st in stages(cfg, dims)), key=key)
 
 
-def flops_per_rank(cfg: Config, dims: ParallelDims) -> dict[str, float]:
+def flops_per_rank(cfg: Config, dims: ParallelDims, stage: int | Stage | None = None) -> dict[str, float]:
     """Training FLOPs one rank does in one micro-batch: dense GEMMs (head and router included, `head` and
     `moe_dense` say how much of it those are), attention core, routed experts (see the module docstring).
-    The three kinds `dense`, `attention`, `experts` add up to the total; the other keys are parts of `dense`."""
+    The three kinds `dense`, `attention`, `experts` add up to the total; the other keys are parts of `dense`.
+    With pipeline stages: a rank of `stage` (None: the stage doing the most)."""
+    return _pick(cfg, dims, stage, lambda st: _flops(cfg, dims, st), lambda f: _total_flops(f))
+
+
+def _flops(cfg: Config, dims: ParallelDims, st: Stage) -> dict[str, float]:
     m, e, t = cfg.model, cfg.moe, cfg.train
     T, S = t.batch_size * t.seq_len, t.seq_len
-    p = param_counts(cfg, dims)
-    n_moe = _n_moe(cfg)
+    p = param_counts(cfg, dims, st)
+    n_moe = st.n_moe
     vd = m.vocab_size * m.dim
-    head = 6 * T * vd                         # the output projection (the input embedding is a lookup)
+    head = 6 * T * vd if st.last else 0       # the output projection (the input embedding is a lookup)
     router = 6 * alltoall_rows_per_layer(cfg, dims)["tokens"] * e.num_experts * m.dim * n_moe
     shared = 6 * T * m.dim * _width(_shared_hidden(e), e.activation) * n_moe
-    matmul_weights = p.dense - vd * (1 if m.tie_embeddings else 2) - n_moe * e.num_experts * m.dim
+    ends = vd * (st.first + st.last) - (vd if st.first and st.last and m.tie_embeddings else 0)
+    matmul_weights = p.dense - ends - n_moe * e.num_experts * m.dim
     dense = 6 * T * matmul_weights + head + router
-    attention = 12 * m.n_layers * T * S * m.n_heads * head_dim(m) / dims.tp
+    attention = 12 * st.n_layers * T * S * m.n_heads * head_dim(m) / dims.tp
     rows = alltoall_rows_per_layer(cfg, dims)["kept"]
     experts = 6 * rows * m.dim * _width(e.expert_hidden, e.activation) * n_moe
     return {"dense": dense, "attention": attention, "experts": experts, "head": head, "moe_dense": router + shared}
@@ -169,27 +188,32 @@ def model_flops_per_token(cfg: Config) -> float:
     return _total_flops(flops_per_rank(cfg, ParallelDims(world=1))) / (cfg.train.batch_size * cfg.train.seq_len)
 
 
-def elementwise_bytes(cfg: Config, dims: ParallelDims) -> dict[str, float]:
+def elementwise_bytes(cfg: Config, dims: ParallelDims, stage: int | Stage | None = None) -> dict[str, float]:
     """HBM bytes the memory-bound kernels move in one micro-batch's forward on one rank (each op reads its
     inputs and writes its output once; b bytes per activation element):
     blocks   per block: two RMSNorms 2·2·T·D, two residual adds 2·3·T·D, rotary on q and k 2·T·(H+Hkv)·Dh/tp
     dense    per dense-MLP layer: the activation, T·(wi + Fd)/tp
     moe      per MoE layer: permute (Ts + R)·D, unpermute with the weighted sum (R + Ts)·D, the routed
              activation R·(wi + F), the shared experts' activation Ts·(wis + Fs) and their add 3·Ts·D
-    head     the final norm 2·T·D, the loss over the logits T·V·(b + 12) (read, fp32 copy, softmax in fp32)"""
+    head     the final norm 2·T·D, the loss over the logits T·V·(b + 12) (read, fp32 copy, softmax in fp32)
+    With pipeline stages: the layers (and head) of `stage` (None: the stage moving the most)."""
+    return _pick(cfg, dims, stage, lambda st: _elementwise(cfg, dims, st), lambda d: sum(d.values()))
+
+
+def _elementwise(cfg: Config, dims: ParallelDims, st: Stage) -> dict[str, float]:
     m, e, t = cfg.model, cfg.moe, cfg.train
     b = DTYPE_BYTES[t.dtype]
     T = t.batch_size * t.seq_len
     rows = alltoall_rows_per_layer(cfg, dims)
     R, Ts = rows["kept"], rows["tokens"]
-    n_moe = _n_moe(cfg)
+    n_moe, n_layers = st.n_moe, st.n_layers
     kv = m.n_kv_heads or m.n_heads
-    blocks = m.n_layers * T * (10 * m.dim + 2 * (m.n_heads + kv) * head_dim(m) / dims.tp) * b
-    dense = (m.n_layers - n_moe) * T * (_in_width(m.dense_hidden, e.activation) + m.dense_hidden) / dims.tp * b
+    blocks = n_layers * T * (10 * m.dim + 2 * (m.n_heads + kv) * head_dim(m) / dims.tp) * b
+    dense = (n_layers - n_moe) * T * (_in_width(m.dense_hidden, e.activation) + m.dense_hidden) / dims.tp * b
     fs = _shared_hidden(e)
     moe = n_moe * b * (2 * (Ts + R) * m.dim + R * (_in_width(e.expert_hidden, e.activation) + e.expert_hidden)
                        + (Ts * (_in_width(fs, e.activation) + fs) + 3 * Ts * m.dim if fs else 0))
-    head = 2 * T * m.dim * b + T * m.vocab_size * (b + 12)
+    head = 2 * T * m.dim * b + T * m.vocab_size * (b + 12) if st.last else 0
     return {"blocks": blocks, "dense": dense, "moe": moe, "head": head}
 
 
@@ -211,28 +235,32 @@ class TpCollectives:
         return self.all_reduce_bytes + self.all_gather_bytes
 
 
-def tp_collectives(cfg: Config, dims: ParallelDims) -> TpCollectives:
+def tp_collectives(cfg: Config, dims: ParallelDims, stage: int | Stage | None = None) -> TpCollectives:
     """Every collective this code runs over the tp group in one `Trainer.train_step` (see the module
     docstring for where each comes from); zero when tp = 1. `test_bench_scaling` checks it against the
-    calls counted on gloo ranks."""
+    calls counted on gloo ranks. With pipeline stages: the layers of `stage` (None: the stage moving the most)."""
     if dims.tp <= 1:
         return TpCollectives()
+    return _pick(cfg, dims, stage, lambda st: _tp_collectives(cfg, dims, st), lambda c: c.bytes)
+
+
+def _tp_collectives(cfg: Config, dims: ParallelDims, st: Stage) -> TpCollectives:
     m, e, t = cfg.model, cfg.moe, cfg.train
-    n_moe = sum(is_moe_layer(m, i) for i in range(m.n_layers))
-    n_dense = m.n_layers - n_moe
+    n_layers, n_moe = st.n_layers, st.n_moe
+    n_dense = n_layers - n_moe
     act = t.batch_size * t.seq_len * m.dim * DTYPE_BYTES[t.dtype]        # one [T, D] activation
-    fwd_ar = m.n_layers + n_dense                                         # wo, dense w_out
-    bwd_ar = 2 * m.n_layers + n_dense                                     # wq, wkv, dense w_in
+    fwd_ar = n_layers + n_dense                                         # wo, dense w_out
+    bwd_ar = 2 * n_layers + n_dense                                     # wq, wkv, dense w_in
     counts_ar = n_moe if (e.aux_loss_coef > 0 and e.aux_loss_type == "global"
                           and e.balance_over == "micro_batch") else 0
     # qk_norm=full: the q and k sums of squares ([T, 2] fp32) are added over tp, once each way per block.
-    qk = m.n_layers if m.qk_norm == "full" else 0
+    qk = n_layers if m.qk_norm == "full" else 0
     qk_bytes = t.batch_size * t.seq_len * 2 * FP32
     # Recompute (torch's non-reentrant checkpoint, which stops recomputing once the last tensor saved for
     # backward is back). block: attention's wo all-reduce, the qk-norm all-reduce and the load-balancing
     # counts rerun; the block's last collective (dense w_out all-reduce, MoE gather_rows) feeds only the
     # residual add and does not. moe: inside the MoE layer only the counts rerun (gather_rows is its last op).
-    re_wo = m.n_layers if t.recompute == "block" else 0
+    re_wo = n_layers if t.recompute == "block" else 0
     re_qk = qk if t.recompute == "block" else 0
     re_counts = counts_ar if t.recompute in ("block", "moe") else 0
     micro = t.grad_accum_steps
@@ -245,7 +273,7 @@ def tp_collectives(cfg: Config, dims: ParallelDims) -> TpCollectives:
     # flat fp32 buffer, and the norm.
     gate = m.dim if (e.shared_expert_gate and e.num_shared_experts) else 0
     partial = n_moe * (e.num_experts * m.dim + m.dim * _width(_shared_hidden(e), e.activation) + gate)
-    partial += m.n_layers * 2 * head_dim(m) if m.qk_norm == "per_head" else 0
+    partial += n_layers * 2 * head_dim(m) if m.qk_norm == "per_head" else 0
     ar_calls += 2
     ar_bytes += 4 * partial + 4
     return TpCollectives(ar_calls, float(ar_bytes), ag_calls, float(ag_bytes))
@@ -276,10 +304,19 @@ def reduce_scatter_seconds(nbytes: float, n: int, stride: int, net: Network) -> 
     return allgather_seconds(nbytes, n, stride, net)
 
 
-def pipeline_bubble_seconds(micro_batch_s: float, pp: int) -> float:
-    """1F1B pipeline: each of the pp-1 warm-up and cool-down slots idles a stage for one micro-batch's forward
-    and backward. 0 for pp = 1."""
-    return (pp - 1) * micro_batch_s
+def pipeline_bubble_seconds(micro_batch_s: float, pp: int, virtual: int = 1) -> float:
+    """The pipeline's fill and drain: pp-1 slots in which a stage idles for one micro-batch's forward and backward
+    on the slowest stage (1F1B and GPipe alike), or for one chunk's, 1/virtual of it (interleaved). 0 for pp = 1."""
+    return (pp - 1) * micro_batch_s / virtual
+
+
+def p2p_seconds(nbytes: float, dims: ParallelDims, net: Network) -> float:
+    """One activation (or gradient) from a stage to its neighbour: the pp group's ranks are world/pp apart."""
+    if dims.pp <= 1 or nbytes <= 0:
+        return 0.0
+    _, off = _span(dims.world // dims.pp, dims.pp, net.gpus_per_node)
+    bw, lat = (net.inter_gbps, net.inter_latency_us) if off else (net.intra_gbps, net.intra_latency_us)
+    return lat * 1e-6 + nbytes / (bw * 1e9)
 
 
 @dataclass(frozen=True)
@@ -289,12 +326,17 @@ class GradReduction:
     reductions: int        # how many per step: m for states+grads (every micro-batch), else 1
     gather_s: float        # all-gather of the updated weights after a sharded optimizer step (0 unsharded)
     last_bucket_share: float   # the share of one reduction that no backward is left to hide
+    embed_s: float = 0.0   # tied embeddings with pp > 1: the fp32 embedding gradient all-reduced first ↔ last
 
 
-def grad_reduction(cfg: Config, dims: ParallelDims, net: Network) -> GradReduction:
+def grad_reduction(cfg: Config, dims: ParallelDims, net: Network, stage: int | Stage | None = None) -> GradReduction:
     """Dense parameters reduce over the dp group (ranks tp apart), experts over edp (ranks ep·etp apart);
-    gradients travel in fp32, gathered weights in their own w bytes."""
-    p, mode = param_counts(cfg, dims), cfg.train.shard_optimizer
+    gradients travel in fp32, gathered weights in their own w bytes. With pipeline stages: the parameters of one
+    rank of `stage` (None: the stage holding the most)."""
+    st = stage if isinstance(stage, Stage) else (None if stage is None else stages(cfg, dims)[stage])
+    p, mode = param_counts(cfg, dims, st), cfg.train.shard_optimizer
+    if st is None:
+        st = max(stages(cfg, dims), key=lambda x: param_counts(cfg, dims, x).total)
     dp_stride, edp_stride = dims.tp, dims.ep * dims.etp
     w = weight_bytes(cfg)
     if mode == "none":
@@ -307,15 +349,20 @@ def grad_reduction(cfg: Config, dims: ParallelDims, net: Network) -> GradReducti
         gather = (allgather_seconds(w * p.dense, dims.dp, dp_stride, net)
                   + allgather_seconds(w * p.expert, dims.edp, edp_stride, net))
     reductions = cfg.train.grad_accum_steps if mode == "states+grads" else 1
-    return GradReduction(reduce, reductions, gather, bucket_elements(cfg, dims, p) / p.total)
+    embed = 0.0
+    if dims.pp > 1 and cfg.model.tie_embeddings and (st.first or st.last):
+        stride = dims.world // dims.pp * (dims.pp - 1)          # first and last stage of one pp group
+        embed = allreduce_seconds(FP32 * cfg.model.vocab_size * cfg.model.dim, 2, stride, net)
+    return GradReduction(reduce, reductions, gather, bucket_elements(cfg, dims, p, st) / p.total, embed)
 
 
-def optimizer_seconds(cfg: Config, dims: ParallelDims, comp: Compute) -> float:
+def optimizer_seconds(cfg: Config, dims: ParallelDims, comp: Compute, stage: int | Stage | None = None) -> float:
     """Memory-bound optimizer work of one step: with bf16 weights each micro-batch's gradient is added into the
     fp32 buffer (read 2 + read 4 + write 4 B per element); then the norm reads the rank's fp32 gradient shard
     (4 B) and AdamW reads it again (4 B), reads and writes both moments (16 B) and the fp32 master (8 B) and
-    writes the bf16 weight (2 B); with fp32 weights the weight is the master (8 B, no copy)."""
-    p, w = param_counts(cfg, dims), weight_bytes(cfg)
+    writes the bf16 weight (2 B); with fp32 weights the weight is the master (8 B, no copy). Pipeline stages:
+    a rank of `stage` (None: the stage holding the most)."""
+    p, w = param_counts(cfg, dims, stage), weight_bytes(cfg)
     accumulate = 10 * p.total * cfg.train.grad_accum_steps if w == 2 else 0
     step = shard_elements(cfg, dims, p) * (4 + 4 + 16 + 8 + (2 if w == 2 else 0))
     return comp.memory_bound_seconds(accumulate + step)
@@ -334,30 +381,53 @@ class StepEstimate:
     non_gemm_s: float = 0.0        # attention core + memory-bound elementwise kernels
     recompute_s: float = 0.0       # the forward that train.recompute runs again
     optimizer_s: float = 0.0       # fp32 gradient accumulation, clipping, AdamW (memory-bound)
-    bubble_s: float = 0.0          # pipeline bubble (0 while pp = 1)
+    bubble_s: float = 0.0          # pipeline fill and drain (0 for pp = 1)
     dp_total_s: float = 0.0        # the whole gradient reduction and gather, hidden or not
+    p2p_s: float = 0.0             # pipeline activations and gradients between stages (0 for pp = 1)
+    stage: int = 0                 # the bottleneck stage whose terms these are
+    slot_s: float = 0.0            # one micro-batch on the slowest stage (forward + backward + its tp share)
+    stage_step_s: tuple[float, ...] = ()   # each stage's own m·slot + tp + dp_exposed + optimizer
 
     def terms(self) -> dict[str, float]:
         """The additive terms of step_s."""
         return {"gemm": self.compute_s, "non_gemm": self.non_gemm_s, "recompute": self.recompute_s,
                 "all_to_all": self.alltoall_s, "tp": self.tp_s, "dp_exposed": self.dp_allreduce_s,
-                "optimizer": self.optimizer_s, "pipeline_bubble": self.bubble_s}
+                "optimizer": self.optimizer_s, "pipeline_bubble": self.bubble_s, "pipeline_p2p": self.p2p_s}
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Bubble over the pipelined part of the step (micro-batches + bubble): (p-1)/(m+p-1) for 1F1B when
+        every stage is equally slow."""
+        busy = self.compute_s + self.non_gemm_s + self.recompute_s + self.alltoall_s + self.tp_s
+        return self.bubble_s / (busy + self.bubble_s) if self.bubble_s else 0.0
 
 
-def estimate(cfg: Config, dims: ParallelDims, net: Network = Network(), comp: Compute = Compute(),
-             overlap_dp: bool = True) -> StepEstimate:
-    """One optimizer step of `cfg` on the layout `dims` (batch_size is per dp rank and micro-batch; the step runs
-    train.grad_accum_steps micro-batches). Terms as in the module docstring."""
+@dataclass(frozen=True)
+class _StageTime:
+    gemm: float
+    non_gemm: float
+    recompute: float
+    a2a: float
+    tp: float                      # per step
+    exposed_dp: float
+    total_dp: float
+    optimizer: float
+
+    def micro_s(self) -> float:
+        return self.gemm + self.non_gemm + self.recompute + self.a2a
+
+
+def _stage_time(cfg: Config, dims: ParallelDims, st: Stage, net: Network, comp: Compute,
+                overlap_dp: bool) -> _StageTime:
     m, t = cfg.model, cfg.train
-    micro = t.grad_accum_steps
-    f = flops_per_rank(cfg, dims)
+    f = _flops(cfg, dims, st)
     gemm = f["dense"] / (comp.dense_tflops * 1e12) + f["experts"] / (comp.expert_tflops * 1e12)
     attention = f["attention"] * 0.5 / (comp.attention_tflops * 1e12)      # causal: the kernel skips half
-    eb = elementwise_bytes(cfg, dims)
+    eb = _elementwise(cfg, dims, st)
     non_gemm = attention + comp.memory_bound_seconds(3 * sum(eb.values()))
     b = DTYPE_BYTES[t.dtype]
     rows = alltoall_rows_per_layer(cfg, dims)
-    n_moe = _n_moe(cfg)
+    n_moe = st.n_moe
     # Expert view (parallel folding): etp groups are adjacent ranks, ep groups are etp apart, edp ep·etp apart.
     one_a2a = alltoall_seconds(rows["sent"] * m.dim * b, dims.ep, dims.etp, net)
     # ETP all-gather and reduce-scatter: each moves the `etp_gathered` rows into the rank over the group's link
@@ -380,34 +450,58 @@ def estimate(cfg: Config, dims: ParallelDims, net: Network = Network(), comp: Co
                      + comp.memory_bound_seconds(eb["blocks"] + eb["dense"]) + moe_fwd)
     else:
         recompute = 0.0
-    micro_s = gemm + non_gemm + recompute + a2a            # one micro-batch, before the step-level terms
-    red = grad_reduction(cfg, dims, net)
-    total_dp = red.reductions * red.reduce_s + red.gather_s
+    red = grad_reduction(cfg, dims, net, st)
+    total_dp = red.reductions * red.reduce_s + red.gather_s + red.embed_s
     if overlap_dp:
         # Each reduction runs beside its micro-batch's backward (two thirds of the compute, plus the recompute).
         window = 2 / 3 * (gemm + non_gemm) + recompute
         exposed_dp = (red.reductions * (max(0.0, red.reduce_s - window) + red.last_bucket_share * red.reduce_s)
-                      + red.gather_s)
+                      + red.gather_s + red.embed_s)
         exposed_dp = min(exposed_dp, total_dp)
     else:
         exposed_dp = total_dp
-    tp = tp_seconds(tp_collectives(cfg, dims), dims.tp, net)
-    optimizer = optimizer_seconds(cfg, dims, comp)
-    pp = 1      # ParallelDims has no pipeline stages yet; with parallel.pp, pass dims.pp and split layers by it
-    bubble = pipeline_bubble_seconds(micro_s + tp / micro, pp)
-    step = micro * micro_s + tp + exposed_dp + optimizer + bubble
+    tp = tp_seconds(_tp_collectives(cfg, dims, st), dims.tp, net) if dims.tp > 1 else 0.0
+    return _StageTime(gemm, non_gemm, recompute, a2a, tp, exposed_dp, total_dp,
+                      optimizer_seconds(cfg, dims, comp, st))
+
+
+def estimate(cfg: Config, dims: ParallelDims, net: Network = Network(), comp: Compute = Compute(),
+             overlap_dp: bool = True) -> StepEstimate:
+    """One optimizer step of `cfg` on the layout `dims` (batch_size is per dp rank and micro-batch; the step runs
+    train.grad_accum_steps micro-batches). Terms as in the module docstring: with pipeline stages each stage is
+    timed on its own layers, the bottleneck stage's terms make up the step, plus bubble and P2P."""
+    t = cfg.train
+    micro = t.grad_accum_steps
+    per = [_stage_time(cfg, dims, st, net, comp, overlap_dp) for st in stages(cfg, dims)]
+    own = tuple(micro * x.micro_s() + x.tp + x.exposed_dp + x.optimizer for x in per)
+    k = own.index(max(own))
+    s = per[k]
+    slot = max(x.micro_s() + x.tp / micro for x in per)
+    sched, v = schedule_name(cfg, dims), virtual_size(cfg, dims)
+    bubble = pipeline_bubble_seconds(slot, dims.pp, v if sched == "interleaved" else 1)
+    p2p = (2 * (v * micro + dims.pp - 1) * p2p_seconds(p2p_per_step(cfg, dims).transfer_bytes, dims, net)
+           if dims.pp > 1 else 0.0)
+    step = own[k] + bubble + p2p
     tokens_gpu = t.batch_size * t.seq_len * micro * dims.dp / dims.world / step
-    return StepEstimate(micro * gemm, micro * a2a, exposed_dp, step, tokens_gpu,
-                        tokens_gpu * model_flops_per_token(cfg) / 1e12, micro * a2a / step, tp,
-                        micro * non_gemm, micro * recompute, optimizer, bubble, total_dp)
+    return StepEstimate(micro * s.gemm, micro * s.a2a, s.exposed_dp, step, tokens_gpu,
+                        tokens_gpu * model_flops_per_token(cfg) / 1e12, micro * s.a2a / step, s.tp,
+                        micro * s.non_gemm, micro * s.recompute, s.optimizer, bubble, s.total_dp, p2p, k, slot, own)
+
+
+def predicted_bubble_fraction(cfg: Config, dims: ParallelDims) -> float:
+    """The schedule's bubble share with equal stages: (p-1)/(m+p-1), interleaved (p-1)/(v·m+p-1)."""
+    return bubble_fraction(schedule_name(cfg, dims), dims.pp, virtual_size(cfg, dims), cfg.train.grad_accum_steps)
 
 
 def with_layout(cfg: Config, *, tp: int = 1, ep: int = 1, etp: int = 1, batch_size: int | None = None,
                 num_experts: int | None = None, shard_optimizer: str | None = None, recompute: str | None = None,
-                grad_accum_steps: int | None = None) -> Config:
+                grad_accum_steps: int | None = None, pp: int = 1, pp_virtual: int = 1,
+                pp_schedule: str | None = None) -> Config:
     t = cfg.train
+    sched = pp_schedule or ("interleaved" if pp_virtual > 1 else cfg.parallel.pp_schedule)
     return dataclasses.replace(
-        cfg, parallel=dataclasses.replace(cfg.parallel, tp=tp, ep=ep, etp=etp),
+        cfg, parallel=dataclasses.replace(cfg.parallel, tp=tp, ep=ep, etp=etp, pp=pp, pp_virtual=pp_virtual,
+                                          pp_schedule=sched, pp_layers=None if pp == 1 else cfg.parallel.pp_layers),
         moe=dataclasses.replace(cfg.moe, num_experts=num_experts or cfg.moe.num_experts),
         train=dataclasses.replace(t, batch_size=batch_size or t.batch_size,
                                   shard_optimizer=shard_optimizer or t.shard_optimizer,
