@@ -124,13 +124,14 @@ def _train(args, cfg, topo, say) -> int:
     from moe_dist.train.trainer import format_expert_load
     trainer = _build_trainer(cfg, topo)
     n = sum(p.numel() for p in trainer.model.parameters())
-    moe_ids = [i for i, b in enumerate(trainer.model.blocks) if b.is_moe]
+    moe_ids = list(trainer.model.all_moe_layer_ids)     # every pipeline stage's
     header = f"moe-dist train: {args.config} | {n / 1e6:.2f}M parameters"
     if topo.is_distributed:
         header += f" on rank 0 of {topo.dims.describe()}"
     if moe_ids:
-        header += (f" | {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, MoE layers {moe_ids} | "
-                   f"experts backend {trainer.model.moe_layers[0].experts.backend}")
+        header += f" | {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, MoE layers {moe_ids}"
+        if trainer.model.moe_layers:               # rank 0's stage may hold dense layers only
+            header += f" | experts backend {trainer.model.moe_layers[0].experts.backend}"
     else:
         header += " (no MoE layer)"
     say(header, flush=True)

@@ -6,7 +6,7 @@ Legend: B sequences, S positions, D model dim, V vocabulary, H heads, Hkv key/va
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import zlib
 
@@ -133,10 +133,12 @@ class Block(nn.Module):
 
 @dataclass(frozen=True)
 class ModelOutput:
-    logits: torch.Tensor
-    lm_loss: Optional[torch.Tensor]      # mean next-token cross-entropy, when targets are given
-    aux_loss: torch.Tensor               # Σ over MoE layers of load-balancing + z losses (already scaled)
-    stats: list[MoEStats]                # one per MoE layer, in layer order
+    logits: Optional[torch.Tensor]       # None where they are not kept (training steps, pipeline stages)
+    lm_loss: Optional[torch.Tensor]      # mean next-token cross-entropy, when targets are given; under pipeline
+                                         # parallelism a zero off the last stage
+    aux_loss: torch.Tensor               # Σ over this rank's MoE layers of load-balancing + z losses (scaled)
+    stats: list[MoEStats]                # one per MoE layer this rank ran, in layer order
+    moe_layer_ids: tuple[int, ...] = ()  # the global layer index of each entry of `stats`
 
     @property
     def loss(self) -> torch.Tensor:
@@ -144,21 +146,64 @@ class ModelOutput:
         return self.lm_loss + self.aux_loss
 
 
+class LayerDict(nn.ModuleDict):
+    """The blocks this rank holds, keyed by their GLOBAL layer index (parameter names `blocks.<i>.…` are the same
+    in every pipeline layout, so checkpoints and the Hugging Face mapping see one set of names). Indexing takes
+    the int or its string; iterate `.values()` or `.items()`."""
+
+    def __getitem__(self, key: int | str) -> nn.Module:
+        return super().__getitem__(str(key))
+
+    def __contains__(self, key: int | str) -> bool:
+        return super().__contains__(str(key))
+
+
+def all_moe_layer_ids(cfg: ModelConfig) -> tuple[int, ...]:
+    """The global indices of the model's MoE layers (every stage's)."""
+    return tuple(i for i in range(cfg.n_layers) if is_moe_layer(cfg, i))
+
+
+def chunk_layers(cfg: Config, topo: Topology) -> tuple[list[int], list[range]]:
+    """This rank's model chunks: (their virtual stages, their layers), in model order. One chunk of every layer
+    without pipeline parallelism."""
+    pp = topo.dims.pp
+    if pp == 1:
+        return [0], [range(cfg.model.n_layers)]
+    from moe_dist.pipeline.stages import stage_layers, virtual_stages_of
+    p = cfg.parallel
+    stages = stage_layers(cfg.model.n_layers, pp, p.pp_virtual, p.pp_layers)
+    mine = list(virtual_stages_of(topo.pp.rank, pp, p.pp_virtual))
+    return mine, [stages[v] for v in mine]
+
+
 class MoEGPT(nn.Module):
     """`topo` is the parallel layout (one process when None); the module holds this rank's shards.
     Every layout draws the same global weights (`reset_parameters`), so N ranks start where one
-    process does."""
+    process does.
+
+    Pipeline parallelism (topo.dims.pp > 1): the rank holds only the layers of its virtual stages
+    (`chunk_layers`; `self.blocks` is keyed by global layer index in every layout), the embedding on the rank
+    of virtual stage 0, the final norm and head on the rank of the last one (None elsewhere). With tied
+    embeddings the last stage holds an `embed` too, only as the home of the shared weight (Megatron's
+    approach): its name stays `embed.weight`, it starts from the same draw, and its gradient is summed over
+    topo.embed (`tied_parameters`). `forward` runs the whole model (one stage); the pipeline's chunks
+    (moe_dist.pipeline.model) compose `embed_tokens`, `run_layers` and `head_loss`."""
 
     def __init__(self, cfg: Config, topo: Optional[Topology] = None):
         super().__init__()
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
         m = cfg.model
-        self.embed = nn.Embedding(m.vocab_size, m.dim)
-        self.blocks = nn.ModuleList(Block(cfg, i, topo) for i in range(m.n_layers))
-        self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
-        self.head = nn.Linear(m.dim, m.vocab_size, bias=False)
-        if m.tie_embeddings:
+        self.chunk_stages, self.chunk_layers = chunk_layers(cfg, topo)
+        n_virtual = topo.dims.pp * (cfg.parallel.pp_virtual if topo.dims.pp > 1 else 1)
+        self.holds_first = 0 in self.chunk_stages
+        self.holds_last = n_virtual - 1 in self.chunk_stages
+        self.embed = (nn.Embedding(m.vocab_size, m.dim)
+                      if self.holds_first or (m.tie_embeddings and self.holds_last) else None)
+        self.blocks = LayerDict({str(i): Block(cfg, i, topo) for layers in self.chunk_layers for i in layers})
+        self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps) if self.holds_last else None
+        self.head = nn.Linear(m.dim, m.vocab_size, bias=False) if self.holds_last else None
+        if m.tie_embeddings and self.holds_last:
             self.head.weight = self.embed.weight
         cos, sin = rotary_tables(m.max_seq_len, head_dim(m), m.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -181,7 +226,7 @@ class MoEGPT(nn.Module):
         """Each matrix is drawn whole from a generator seeded by (train.seed, its name), then sliced to this
         rank's shard: the weights are the same whatever the layout, and no global RNG is consumed. Vectors
         are biases (zero) or norm weights (one)."""
-        if self.embed.weight.is_meta:
+        if next(self.parameters()).is_meta:
             return
         std = self.cfg.model.init_std
         # GPT-2 style: projections that write into the residual stream are scaled down with depth.
@@ -206,11 +251,34 @@ class MoEGPT(nn.Module):
             return []
         moe = [p for layer in self.moe_layers for m in (layer.router, layer.shared, layer.shared_gate)
                if m is not None for p in m.parameters()]
-        return [p for b in self.blocks for p in b.attn.tp_partial_parameters()] + moe
+        return [p for b in self.blocks.values() for p in b.attn.tp_partial_parameters()] + moe
+
+    def tied_parameters(self) -> list[nn.Parameter]:
+        """The embedding shared with the head when the first and the last stage are different ranks: each holds
+        a copy fed by its own use, so the gradient is summed over topo.embed before the data-parallel reduction
+        (then both copies are equal). Empty without pipeline parallelism or tied embeddings."""
+        if self.topo.dims.pp > 1 and self.cfg.model.tie_embeddings and self.embed is not None:
+            return [self.embed.weight]
+        return []
+
+    def norm_skipped_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradient another rank counts in the global norm: the last stage's copy of a tied
+        embedding (the first stage counts it)."""
+        return [] if self.holds_first else self.tied_parameters()
 
     @property
     def moe_layers(self) -> list[MoELayer]:
-        return [b.mlp for b in self.blocks if b.is_moe]
+        return [b.mlp for b in self.blocks.values() if b.is_moe]
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """The global index of each of this rank's MoE layers (`moe_layers`' order)."""
+        return tuple(int(i) for i, b in self.blocks.items() if b.is_moe)
+
+    @property
+    def all_moe_layer_ids(self) -> tuple[int, ...]:
+        """The global indices of every MoE layer of the model, this rank's or not."""
+        return all_moe_layer_ids(self.cfg.model)
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """Routed-expert weights: sharded over expert parallelism, reduced over the expert-data group."""
@@ -222,14 +290,34 @@ class MoEGPT(nn.Module):
         return [p for p in self.parameters() if id(p) not in expert]
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None) -> ModelOutput:
+        """The whole model; under pipeline parallelism the stages run through moe_dist.pipeline instead."""
+        if not (self.holds_first and self.holds_last and len(self.chunk_layers) == 1):
+            raise RuntimeError(f"this rank holds layers {list(self.blocks)} of a {self.topo.dims.pp}-stage pipeline; "
+                               "run the model through moe_dist.pipeline (the engine's forward_backward)")
+        x = self.embed_tokens(idx_BS)
+        x, stats, ids = self.run_layers(x, self.chunk_layers[0])
+        logits, lm_loss = self.head_loss(x, targets_BS)
+        return ModelOutput(logits, lm_loss, aux_sum(stats, x.device), stats, ids)
+
+    def embed_tokens(self, idx_BS: torch.Tensor) -> torch.Tensor:
+        """Token ids → the residual stream (the first stage's input)."""
         S = idx_BS.shape[1]
         if S > self.cfg.model.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.model.max_seq_len}")
-        x = self.embed(idx_BS)
+        return self.embed(idx_BS)
+
+    def run_layers(self, x_BSD: torch.Tensor, layers: Iterable[int]
+                   ) -> tuple[torch.Tensor, list[MoEStats], tuple[int, ...]]:
+        """The blocks `layers` (global indices, held by this rank) in order: (output, the MoE layers' stats,
+        their global indices)."""
+        S = x_BSD.shape[1]
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         stats: list[MoEStats] = []
+        ids: list[int] = []
         recompute = self.cfg.train.recompute == "block" and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        x = x_BSD
+        for i in layers:
+            block = self.blocks[i]
             if recompute:
                 # Keep only the block's input; backward reruns its forward (same RNG state, and the MoE layer's
                 # collectives again, in the same order on every rank) before its backward.
@@ -238,19 +326,31 @@ class MoEGPT(nn.Module):
                 x, st = block(x, cos, sin)
             if st is not None:
                 stats.append(st)
-        logits = self.head(self.norm(x))
+                ids.append(i)
+        return x, stats, tuple(ids)
+
+    def head_loss(self, x_BSD: torch.Tensor, targets_BS: Optional[torch.Tensor]
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Final norm and head (the last stage's end): (logits, mean next-token cross-entropy or None)."""
+        logits = self.head(self.norm(x_BSD))
         lm_loss = None
         if targets_BS is not None:
             lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1))
-        aux = sum((s.aux_loss + s.z_loss for s in stats), torch.zeros((), device=x.device))
-        return ModelOutput(logits, lm_loss, aux, stats)
+        return logits, lm_loss
 
     @torch.no_grad()
-    def update_expert_bias(self, counts_LE: list[torch.Tensor]) -> None:
-        """Apply DeepSeek-V3's bias rule to every MoE layer that has an expert bias."""
-        for layer, counts in zip(self.moe_layers, counts_LE):
+    def update_expert_bias(self, counts_LE: Sequence[torch.Tensor]) -> None:
+        """Apply DeepSeek-V3's bias rule to this rank's MoE layers that have an expert bias; `counts_LE` holds
+        one [E] count per MoE layer of the whole model (`all_moe_layer_ids`' order)."""
+        row = {lid: n for n, lid in enumerate(self.all_moe_layer_ids)}
+        for lid, layer in zip(self.moe_layer_ids, self.moe_layers):
             if layer.router.expert_bias_E is not None:
-                layer.router.update_expert_bias(counts)
+                layer.router.update_expert_bias(counts_LE[row[lid]])
+
+
+def aux_sum(stats: Sequence[MoEStats], device) -> torch.Tensor:
+    """Σ of the load-balancing and z losses of `stats` (a zero scalar for none)."""
+    return sum((s.aux_loss + s.z_loss for s in stats), torch.zeros((), device=device))
 
 
 def count_parameters(model: nn.Module, cfg: Config) -> dict[str, int]:

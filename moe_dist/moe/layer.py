@@ -95,8 +95,9 @@ class MoELayer(nn.Module):
         # sigmoid(x · w). Replicated over tp and fed by this rank's token slice, like the router.
         self.shared_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         # Statistics of the load-balancing loss: over the dp rank's micro-batch (its tp ranks hold slices
-        # of it) or over the whole global batch (every rank).
-        self.stats_group = topo.world if cfg.balance_over == "global_batch" else topo.tp
+        # of it) or over the whole global batch (every rank of the pipeline stage that runs this layer: the
+        # whole world without pipeline parallelism).
+        self.stats_group = topo.stage if cfg.balance_over == "global_batch" else topo.tp
         self.stats_shards = topo.dims.dp if cfg.balance_over == "global_batch" else 1
 
     @property

@@ -6,6 +6,8 @@ After backward on every rank:
 - dense parameters are averaged over dp (each dp rank's loss is the mean over its own tokens);
 - expert parameters are summed over edp and divided by dp: the copies of an expert on the edp ranks
   together saw every token of the global batch exactly once, each weighted by 1/(its dp rank's tokens).
+With pipeline parallelism every group above lies inside one stage; a tied embedding's two copies (first and
+last stage) are first summed over topo.embed, and the norm adds the stages' sums of squares over topo.pp.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ def _reduce(params: list[torch.nn.Parameter], group: Group, scale: float) -> Non
 
 
 def reduce_gradients(model, topo: Topology) -> None:
-    """`model` provides dense_parameters(), expert_parameters() and tp_partial_parameters()."""
+    """`model` provides dense_parameters(), expert_parameters(), tp_partial_parameters() and
+    tied_parameters()."""
+    _reduce(model.tied_parameters(), topo.embed, 1.0)
     _reduce(model.tp_partial_parameters(), topo.tp, 1.0)
     _reduce(model.dense_parameters(), topo.dp, 1.0 / topo.dp.size)
     _reduce(model.expert_parameters(), topo.edp, 1.0 / topo.dims.dp)
@@ -41,12 +45,14 @@ def reduce_gradients(model, topo: Topology) -> None:
 
 def global_grad_norm(model, topo: Topology) -> float:
     """The L2 norm of the whole model's gradient, each element counted once: tp-sharded dense
-    parameters summed over tp, expert shards over ep×etp, replicated parameters taken once."""
+    parameters summed over tp, expert shards over ep×etp, replicated parameters taken once, stages summed
+    (a tied embedding counted on the first stage only)."""
     shards = model.param_shards
     expert = {id(p) for p in model.expert_parameters()}
+    skipped = {id(p) for p in model.norm_skipped_parameters()}
     replicated = tp_sharded = experts = 0.0
     for name, p in model.named_parameters():
-        if p.grad is None:
+        if p.grad is None or id(p) in skipped:
             continue
         sq = p.grad.detach().float().pow(2).sum()
         if id(p) in expert:
@@ -62,7 +68,9 @@ def norm_from_squares(replicated, tp_sharded, experts, topo: Topology, dp_sharde
     """The global norm from this rank's sums of squares of three classes of gradient elements: dense ones
     replicated over tp, dense ones split over tp, expert ones (split over ep×etp). `dp_sharded`: each rank holds
     only its shard of every gradient (a sharded optimizer: dense over dp, experts over edp), so the shards are
-    summed over those groups first; otherwise the data-parallel copies are equal and taken once."""
+    summed over those groups first; otherwise the data-parallel copies are equal and taken once. With pipeline
+    parallelism the result so far is this stage's (the same on all its ranks), and the stages' add up over
+    topo.pp (one rank per stage)."""
     # On the gradients' device (nccl reduces device tensors only); a class without elements is a Python 0.0.
     device = next((x.device for x in (replicated, tp_sharded, experts) if isinstance(x, torch.Tensor)), "cpu")
 
@@ -75,7 +83,10 @@ def norm_from_squares(replicated, tp_sharded, experts, topo: Topology, dp_sharde
         all_reduce_(ex, topo.edp)
     tp_part = all_reduce_(dense[1:2].clone(), topo.tp)
     ex_part = all_reduce_(ex.clone(), topo.expert_mp)
-    return math.sqrt(float(dense[0] + tp_part[0] + ex_part[0]))   # host sync: the clip factor needs it
+    stage = (dense[0] + tp_part[0] + ex_part[0]).reshape(1)
+    if topo.dims.pp > 1:
+        all_reduce_(stage, topo.pp)
+    return math.sqrt(float(stage[0]))   # host sync: the clip factor needs it
 
 
 def clip_gradients(model, topo: Topology, max_norm: float) -> float:

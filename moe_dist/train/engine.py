@@ -9,9 +9,11 @@ global losses, the non-finite decision, the expert-bias rule, evaluation, SIGTER
 One optimizer step, as the Trainer drives it (every call is made by every rank, in the same order):
 
     engine.zero_grad()
-    for each micro-batch:
-        out = engine.forward(x, y)
-        engine.backward(out.loss / grad_accum_steps)
+    outs = engine.forward_backward(micro_batches)      # by default, for each micro-batch:
+                                                       #   out = engine.forward(x, y)
+                                                       #   engine.backward(out.loss / grad_accum_steps)
+                                                       # the native engine with parallel.pp > 1 runs the
+                                                       # pipeline schedule instead
     norm = engine.reduce_and_clip(train.grad_clip)     # None: the engine clips inside step()
     if the losses or the norm are not finite: engine.skip()   (train.on_nonfinite=skip) or raise
     else: after = engine.step(lr)                      # the norm when reduce_and_clip returned None
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -55,6 +58,22 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None) -> ModelOutput:
         """The model's forward in the engine's precision (training and evaluation both call this)."""
+
+    def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[ModelOutput]:
+        """Forward and backward of every micro-batch of one optimizer step ((token ids, targets) on the model's
+        device), each loss divided by their number; returns one ModelOutput per micro-batch (losses and MoE
+        stats; logits are not kept). Gradients add up over the micro-batches."""
+        outs = []
+        for x, y in micro_batches:
+            out = self.forward(x, y)
+            self.backward(out.loss / len(micro_batches))
+            outs.append(dataclasses.replace(out, logits=None))
+        return outs
+
+    def forward_only(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[ModelOutput]:
+        """The forward of every micro-batch without gradients (evaluation): one ModelOutput each, no logits."""
+        with torch.no_grad():
+            return [dataclasses.replace(self.forward(x, y), logits=None) for x, y in micro_batches]
 
     @abc.abstractmethod
     def zero_grad(self) -> None:

@@ -8,6 +8,11 @@
 
 Both save the same checkpoint entries (global tensors, see moe_dist.train.checkpoint.state), so either loads
 the other's checkpoints, in any layout.
+
+With pipeline parallelism (parallel.pp > 1) `forward_backward` runs the schedule parallel.pp_schedule names
+(moe_dist.pipeline.schedules / runtime) over this rank's model chunks (moe_dist.pipeline.model), and
+`forward_only` runs the forward-only pipeline; reduction, clipping and the update are the same per stage, with
+the norm summed over the stages (moe_dist.parallel.grads).
 """
 from __future__ import annotations
 
@@ -54,6 +59,28 @@ class NativeEngine(Engine):
     def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None) -> ModelOutput:
         with self._autocast():
             return self.model(idx_BS, targets_BS)
+
+    def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[ModelOutput]:
+        if self.topo.dims.pp == 1:
+            return super().forward_backward(micro_batches)
+        from moe_dist.pipeline.model import build_chunks, collect_outputs
+        from moe_dist.pipeline.runtime import run_schedule
+        from moe_dist.pipeline.schedules import build_schedule
+        p, m = self.cfg.parallel, len(micro_batches)
+        chunks = build_chunks(self.model, micro_batches, 1.0 / m, self._autocast)
+        actions = build_schedule(p.pp_schedule, p.pp, p.pp_virtual, m, self.topo.pp.rank)
+        run_schedule(actions, self.topo, chunks, m)
+        return collect_outputs(chunks, m)
+
+    def forward_only(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[ModelOutput]:
+        if self.topo.dims.pp == 1:
+            return super().forward_only(micro_batches)
+        from moe_dist.pipeline.model import build_chunks, collect_outputs
+        from moe_dist.pipeline.runtime import run_forward
+        chunks = build_chunks(self.model, micro_batches, 1.0, self._autocast)
+        with torch.no_grad():
+            run_forward(self.topo, chunks, len(micro_batches))
+        return collect_outputs(chunks, len(micro_batches))
 
     def _autocast(self):
         # fp32 weights on a GPU with train.dtype=bfloat16 cannot happen here (the weights are then bf16), but

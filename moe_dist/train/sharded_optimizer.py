@@ -13,8 +13,10 @@
 
 Buckets. Parameters are grouped by how their gradient is reduced and how the norm counts them:
 `dense` (averaged over dp), `tp_partial` (router and shared experts under tp: summed over tp, then averaged over
-dp), `expert` (summed over edp, divided by dims.dp), and dense parameters split over tp (`dense_tp`, averaged
-over dp, their squares summed over tp in the norm). Each kind is cut into flat buckets of at most `bucket_elems`
+dp), `expert` (summed over edp, divided by dims.dp), dense parameters split over tp (`dense_tp`, averaged
+over dp, their squares summed over tp in the norm), and, with pipeline parallelism, the tied embedding's copy on
+the first and on the last stage (`tied`: summed over topo.embed, then averaged over dp; counted in the norm on
+the first stage only). Each kind is cut into flat buckets of at most `bucket_elems`
 elements, taken in reverse parameter order (the order backward produces them), each padded to a multiple of its
 group's size; rank r of the group owns the contiguous r-th shard of every bucket. The model's parameters become
 views into the buckets' flat weight buffers, so a shard of the weights is a slice of one tensor.
@@ -51,7 +53,7 @@ from moe_dist.parallel.topology import Group, Topology
 from moe_dist.train.adamw import ADAMW_BETAS, ADAMW_EPS, adamw_groups
 
 BUCKET_ELEMS = 1 << 24          # 16M elements: 64 MiB of fp32 gradient per reduce-scatter
-KINDS = ("dense", "dense_tp", "tp_partial", "expert")
+KINDS = ("dense", "dense_tp", "tp_partial", "expert", "tied")
 
 
 @dataclass
@@ -103,6 +105,10 @@ class FlatAdamW:
                  weights_dtype: Optional[torch.dtype] = None):
         if shard not in ("none", "states", "states+grads"):
             raise ValueError(f"train.shard_optimizer={shard!r}: use none, states or states+grads")
+        if shard == "states+grads" and topo.dims.pp > 1:
+            # Its per-micro-batch flushes assume one backward over all the rank's parameters per micro-batch.
+            raise ValueError(f"train.shard_optimizer=states+grads with parallel.pp={topo.dims.pp}: ZeRO-2 does not "
+                             "run with pipeline parallelism; use train.shard_optimizer=states (ZeRO-1)")
         self.model, self.topo, self.t, self.mode = model, topo, t, shard
         self.sharded = shard != "none"
         self.zero2 = shard == "states+grads"
@@ -130,6 +136,7 @@ class FlatAdamW:
         m, shards = self.model, self.model.param_shards
         kinds = {id(p): "expert" for p in m.expert_parameters()}
         kinds.update({id(p): "tp_partial" for p in m.tp_partial_parameters()})
+        kinds.update({id(p): "tied" for p in m.tied_parameters()})
         for name, p in m.named_parameters():
             if id(p) not in kinds:
                 kinds[id(p)] = "dense_tp" if any(s.axis == "tp" for s in shards.get(name, ())) else "dense"
@@ -270,6 +277,8 @@ class FlatAdamW:
             else:
                 if b.kind == "tp_partial":
                     all_reduce_(b.grad_full, self.topo.tp)
+                if b.kind == "tied":
+                    all_reduce_(b.grad_full, self.topo.embed)
                 if self.sharded:
                     # Reduced into a transient shard, then kept in the buffer's own shard region (the rest of
                     # the buffer is not read again this step): no second gradient buffer stays allocated.
@@ -297,12 +306,13 @@ class FlatAdamW:
 
     def _global_norm(self, grads: list[torch.Tensor]) -> float:
         """Each element once (parallel.grads' rule): sharded, a shard's squares are summed over its group."""
-        sq = {"dense": 0.0, "tp_partial": 0.0, "dense_tp": 0.0, "expert": 0.0}
+        sq = dict.fromkeys(KINDS, 0.0)
         for b, g in zip(self.buckets, grads):
             sq[b.kind] = sq[b.kind] + g.float().pow(2).sum()
-        # tp-partial parameters are replicated over tp once reduced: counted like replicated dense ones.
-        return norm_from_squares(sq["dense"] + sq["tp_partial"], sq["dense_tp"], sq["expert"], self.topo,
-                                 dp_sharded=self.sharded)
+        # tp-partial parameters are replicated over tp once reduced: counted like replicated dense ones. The
+        # tied embedding's two copies are equal once reduced: the first stage counts it.
+        replicated = sq["dense"] + sq["tp_partial"] + (sq["tied"] if self.model.holds_first else 0.0)
+        return norm_from_squares(replicated, sq["dense_tp"], sq["expert"], self.topo, dp_sharded=self.sharded)
 
     # ------------------------------------------------------------------------------------------ update
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from moe_dist.config import Config, TrainConfig
 from moe_dist.models.gpt import MoEGPT, ModelOutput
 from moe_dist.parallel.comm import all_reduce_, where
-from moe_dist.parallel.layout import check_layout
+from moe_dist.parallel.layout import check_layout, layout_warnings
 from moe_dist.parallel.topology import Topology
 from moe_dist.parallel.watchdog import watch_training
 from moe_dist.train import checkpoint as ckpt
@@ -113,6 +113,8 @@ class Trainer:
         self.cfg = cfg
         self.topo = topo = topo or Topology.single()
         check_layout(cfg, topo.dims)
+        for warning in layout_warnings(cfg, topo.dims):
+            self._say(f"layout warning: {warning}")
         # Paths and data before the model: a wrong folder or a token file too small fails now, not at the
         # first save or the final evaluation.
         # Only rank 0 probes the run locks: another rank's probe could collide with rank 0's own lock.
@@ -150,12 +152,14 @@ class Trainer:
     def _global_loss_terms(self, outs: list[ModelOutput]) -> tuple[float, float, float]:
         """(LM, load-balancing, z) losses of the global batch, averaged over the micro-batches: LM is replicated
         over tp and averaged over dp; each rank's aux and z losses are its share of its group's loss, so the
-        world sum over dp gives the mean. One all-reduce for all micro-batches (the sum is linear)."""
+        world sum over dp gives the mean. With pipeline parallelism only the last stage has an LM loss (the
+        others report zero) and every stage adds its own layers' aux and z losses, so the same world sum gives
+        one process's totals. One all-reduce for all micro-batches (the sum is linear)."""
         local = []
         for out in outs:
             z = sum((s.z_loss.detach().float() for s in out.stats), torch.zeros((), device=out.aux_loss.device))
-            local.append(torch.stack([out.lm_loss.detach().float() / self.topo.tp.size,
-                                      out.aux_loss.detach().float() - z, z]))
+            lm = out.lm_loss.detach().float() if out.lm_loss is not None else torch.zeros_like(z)
+            local.append(torch.stack([lm / self.topo.tp.size, out.aux_loss.detach().float() - z, z]))
         v = torch.stack(local).mean(0)
         all_reduce_(v, self.topo.world)
         v = (v / self.topo.dims.dp).tolist()     # host sync: logging and the non-finite decision
@@ -169,16 +173,14 @@ class Trainer:
         lr = lr_at(step, t)
         engine.zero_grad()
         device = next(self.model.parameters()).device
-        outs: list[ModelOutput] = []
-        for micro in range(t.grad_accum_steps):
-            x, y = self.batcher.get_batch(step * t.grad_accum_steps + micro)
-            out: ModelOutput = engine.forward(x.to(device), y.to(device))
-            # Mean over micro-batches: the LM loss (a mean over equal-sized micro-batches) and the z-loss (a
-            # mean over tokens) equal those of one batch of accum× the size; the load-balancing loss does not
-            # (f_i·P_i is computed per micro-batch, as Megatron and DeepSpeed do), nor does capacity dropping
-            # (capacity is per micro-batch).
-            engine.backward(out.loss / t.grad_accum_steps)
-            outs.append(out)
+        # Every stage reads the step's micro-batches (the first needs the ids, the last the targets).
+        micro_batches = [tuple(b.to(device) for b in self.batcher.get_batch(step * t.grad_accum_steps + micro))
+                         for micro in range(t.grad_accum_steps)]
+        # Mean over micro-batches: the LM loss (a mean over equal-sized micro-batches) and the z-loss (a mean
+        # over tokens) equal those of one batch of accum× the size; the load-balancing loss does not (f_i·P_i is
+        # computed per micro-batch, as Megatron and DeepSpeed do), nor does capacity dropping (capacity is per
+        # micro-batch).
+        outs = engine.forward_backward(micro_batches)
         norm = engine.reduce_and_clip(t.grad_clip)
         lm, aux, z = self._global_loss_terms(outs)
         a2a_out = sum(s.a2a_rows_out for o in outs for s in o.stats)
@@ -198,10 +200,17 @@ class Trainer:
 
     def _expert_counts(self, outs: list[ModelOutput]) -> tuple[list[torch.Tensor], float, int]:
         """Per-expert kept counts over every rank's tokens and micro-batches (the bias rule and the load report
-        see the global batch), the drop fraction, and this rank's rows leaving for other EP ranks."""
+        see the global batch), the drop fraction, and this rank's rows leaving for other EP ranks. The counts
+        are a [every MoE layer of the model, 2, E] table placed by global layer index: a stage fills its own
+        layers' rows, so the world sum is, for each layer, the sum over the ranks of the stage that runs it."""
         E = self.cfg.moe.num_experts
-        kept_dropped = sum(torch.stack([torch.stack([s.tokens_per_expert, s.dropped]) for s in o.stats])
-                           if o.stats else torch.zeros(0, 2, E, dtype=torch.long) for o in outs)
+        row = {lid: n for n, lid in enumerate(self.model.all_moe_layer_ids)}
+        device = next(self.model.parameters()).device
+        kept_dropped = torch.zeros(len(row), 2, E, dtype=torch.long, device=device)
+        for o in outs:
+            for lid, s in zip(o.moe_layer_ids, o.stats):
+                kept_dropped[row[lid], 0] += s.tokens_per_expert
+                kept_dropped[row[lid], 1] += s.dropped
         leaving = self._rows_leaving(kept_dropped[:, 0])
         all_reduce_(kept_dropped, self.topo.world)
         counts = list(kept_dropped[:, 0].cpu())
@@ -226,10 +235,16 @@ class Trainer:
                           skipped=True)
 
     def _first_nonfinite_router(self, outs: list[ModelOutput]) -> str:
-        layer_ids = [i for i, b in enumerate(self.model.blocks) if b.is_moe]
+        """Named by global layer index: each rank flags its own layers (the others' stay 1) and the world's
+        minimum says, on every rank, which routers went non-finite on any rank."""
+        layer_ids = list(self.model.all_moe_layer_ids)
         if not layer_ids:
             return "the model has no MoE router"
-        ok = torch.stack([torch.stack([s.router_finite for s in o.stats]) for o in outs]).all(0).to(torch.int32)
+        row = {lid: n for n, lid in enumerate(layer_ids)}
+        ok = torch.ones(len(layer_ids), dtype=torch.int32, device=next(self.model.parameters()).device)
+        for o in outs:
+            for lid, s in zip(o.moe_layer_ids, o.stats):
+                ok[row[lid]] &= s.router_finite.to(torch.int32)
         all_reduce_(ok, self.topo.world, op=torch.distributed.ReduceOp.MIN)   # the same answer on every rank
         bad = [lid for lid, flag in zip(layer_ids, ok.tolist()) if not flag]
         if not bad:
@@ -324,7 +339,7 @@ class Trainer:
         start = self.resume()
         tokens_per_step = t.batch_size * t.seq_len * self.topo.dp.size * t.grad_accum_steps   # the global batch
         progress = progress and self.is_logger
-        moe_ids = [i for i, b in enumerate(self.model.blocks) if b.is_moe]
+        moe_ids = list(self.model.all_moe_layer_ids)          # every stage's: the counts cover the whole model
         log = MetricsLogger(t.out_dir, enabled=self.is_logger, moe_layer_ids=moe_ids, tensorboard=t.tensorboard,
                             resume_step=start if self.resumed_from else None, wandb_project=t.wandb_project,
                             config=self.cfg)
@@ -420,12 +435,12 @@ class Trainer:
             return None
         device = next(self.model.parameters()).device
         self.model.eval()
-        losses = []
-        for i in range(batches):
-            x, y = self._val_batcher.get_batch(i)
-            losses.append(self._global_losses(self.engine.forward(x.to(device), y.to(device)))[0])
+        # The batches go through as the micro-batches of one forward-only pass (a pipeline's run_forward with
+        # parallel.pp > 1); the mean over them is the mean of the per-batch global losses.
+        micro_batches = [tuple(b.to(device) for b in self._val_batcher.get_batch(i)) for i in range(batches)]
+        lm = self._global_loss_terms(self.engine.forward_only(micro_batches))[0]
         self.model.train()
-        return sum(losses) / len(losses)
+        return lm
 
 
 def format_expert_load(load_LE: torch.Tensor, moe_layer_ids: list[int]) -> str:
