@@ -143,7 +143,8 @@ def _build_and_reduce(rank, world, pp, ep):
     return out
 
 
-@pytest.mark.parametrize("world,pp,ep", [(4, 2, 2), (2, 1, 2)])
+# pp=1 builds run in every multi-rank test; this one only adds that its stage group is the world group itself.
+@pytest.mark.parametrize("world,pp,ep", [(4, 2, 2), pytest.param(2, 1, 2, marks=pytest.mark.slow)])
 def test_build_makes_the_groups_it_describes(world, pp, ep) -> None:
     """On gloo ranks: the built groups equal the virtual ones and a sum over each adds exactly its ranks;
     with pp=1 the stage group is the world itself (no second communicator)."""
