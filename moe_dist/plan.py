@@ -46,7 +46,7 @@ from typing import Any
 from moe_dist.config import Config, MoEConfig, ModelConfig
 from moe_dist.models.gpt import is_moe_layer
 from moe_dist.moe.capacity import expert_capacity
-from moe_dist.parallel.layout import check_layout
+from moe_dist.parallel.layout import bubble_fraction, check_layout
 from moe_dist.parallel.topology import ALL_GROUP_NAMES, ParallelDims
 from moe_dist.pipeline.schedules import build_schedule
 from moe_dist.pipeline.stages import stage_layers, virtual_stages_of
@@ -368,13 +368,13 @@ def p2p_per_step(cfg: Config, dims: ParallelDims) -> P2P:
     return P2P(shape, one, p * v - 1 if p > 1 else 0, micro, tuple(sent))
 
 
-def bubble_fraction(schedule: str, pp: int, virtual: int, micro_batches: int) -> float:
-    """Idle share of a pipelined step: (p - 1)/(m + p - 1) for gpipe and 1f1b, (p - 1)/(v·m + p - 1) for
-    interleaved (each of the p - 1 fill and drain slots lasts one chunk, 1/v of a stage's micro-batch)."""
-    if pp <= 1:
+def schedule_bubble(cfg: Config, dims: ParallelDims) -> float:
+    """The schedule's idle share of a pipelined step with equal stages (`layout.bubble_fraction`): (p - 1)/(m + p - 1)
+    for gpipe and 1f1b, (p - 1)/(v·m + p - 1) for interleaved; 0 without pipeline stages."""
+    if dims.pp <= 1:
         return 0.0
-    v = virtual if schedule == "interleaved" else 1
-    return (pp - 1) / (v * micro_batches + pp - 1)
+    v = virtual_size(cfg, dims) if cfg.parallel.pp_schedule == "interleaved" else 1
+    return bubble_fraction(dims.pp, cfg.train.grad_accum_steps, v)
 
 
 def _layer_bytes(cfg: Config, dims: ParallelDims) -> dict[str, float]:
@@ -587,7 +587,7 @@ def make_plan(cfg: Config, world: int) -> Plan:
                  "batch_size": t.batch_size, "seq_len": t.seq_len, "grad_accum_steps": t.grad_accum_steps},
                 per_stage, h, p2p_per_step(cfg, dims),
                 {"pp": dims.pp, "virtual": v, "schedule": sched, "micro_batches": t.grad_accum_steps,
-                 "bubble_fraction": bubble_fraction(sched, dims.pp, v, t.grad_accum_steps)})
+                 "bubble_fraction": schedule_bubble(cfg, dims)})
 
 
 def _num(x: float) -> int | float:

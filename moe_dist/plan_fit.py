@@ -198,11 +198,17 @@ def _judge(cfg: Config, world: int, layout: tuple, mb: int, res: FitResult,
     except ConfigError as e:                         # a LayoutError too: check_layout's one message
         res.rejected[str(e)] = res.rejected.get(str(e), 0) + n_modes
         return
-    res.valid += n_modes
     params = param_counts(base, dims) if pp == 1 else None      # pipeline stages: each stage counts its own
     for shard in SHARD_MODES:
+        sharded = dataclasses.replace(base, train=dataclasses.replace(base.train, shard_optimizer=shard))
+        try:
+            check_layout(sharded, world)             # e.g. ZeRO-2 with pipeline stages
+        except ConfigError as e:
+            res.rejected[str(e)] = res.rejected.get(str(e), 0) + len(RECOMPUTE_MODES)
+            continue
+        res.valid += len(RECOMPUTE_MODES)
         for rc in RECOMPUTE_MODES:
-            c = dataclasses.replace(base, train=dataclasses.replace(base.train, shard_optimizer=shard, recompute=rc))
+            c = dataclasses.replace(sharded, train=dataclasses.replace(sharded.train, recompute=rc))
             mem = memory_per_rank(c, dims, params)
             cand = Candidate(c, dims, mem, ab.estimate(c, dims, net, comp,
                                                        overlap_dp=ENGINE_OVERLAPS_GRAD_REDUCTION))

@@ -273,3 +273,148 @@ def test_make_plan_raises_the_layout_error() -> None:
     from moe_dist.parallel.layout import LayoutError
     with pytest.raises(LayoutError, match=r"world size -1: must be >= 1"):
         make_plan(config.load(TINY), -1)
+
+
+# ------------------------------------------------------------------------------------- pipeline stages
+
+# tiny-cpu per-micro-batch activation bytes (fp32, T = 1024, D = 128, 4 MoE layers): one block with its MoE
+# layer L = (786,432 + 2,621,440)·4 B + fp32 router logits/probs 1024·8·2·4 B; the head H = 524,288·4 B + the fp32
+# logits 1024·256·4 B (see test_memory_by_hand_tiny).
+LAYER = (786_432 + 2_621_440) * 4 + 1024 * 8 * 2 * 4
+HEAD = 524_288 * 4 + 1024 * 256 * 4
+
+
+def _pp(world: int, pp: int, *extra: str, name: str = "tiny-cpu") -> tuple[config.Config, "Plan"]:
+    cfg = config.load(CONFIGS / f"{name}.yaml", [f"--parallel.pp={pp}", *extra])
+    return cfg, make_plan(cfg, world)
+
+
+@pytest.mark.parametrize("name,world,pp,tp,ep,etp", [("tiny-cpu", 4, 2, 1, 2, 1), ("tiny-cpu", 8, 2, 2, 2, 1),
+                                                     ("tiny-cpu", 16, 4, 2, 2, 2), ("mixtral-8x7b", 64, 4, 1, 8, 1)])
+def test_pipeline_groups_equal_megatron_rank_generator(name, world, pp, tp, ep, etp) -> None:
+    from megatron.core.parallel_state import RankGenerator
+    plan = make_plan(_cfg(name, tp, ep, etp, f"--parallel.pp={pp}"), world)
+    d = plan.dims
+    dense = RankGenerator(tp=d.tp, ep=1, dp=d.dp, pp=d.pp, cp=1, order="tp-cp-ep-dp-pp")
+    expert = RankGenerator(tp=d.etp, ep=d.ep, dp=d.edp, pp=d.pp, cp=1, order="tp-cp-ep-dp-pp")
+    for ours, gen, theirs in (("tp", dense, "tp"), ("dp", dense, "dp"), ("pp", dense, "pp"), ("etp", expert, "tp"),
+                              ("ep", expert, "ep"), ("edp", expert, "dp"), ("expert_mp", expert, "tp-ep")):
+        assert plan.groups[ours] == gen.get_ranks(theirs), ours
+    assert plan.groups["pp"] == expert.get_ranks("pp")          # both views agree on the stages
+    assert plan.groups["embed"] == [[g[0], g[-1]] for g in plan.groups["pp"]]
+    for r, co in enumerate(plan.coords):
+        assert plan.groups["pp"][co["tp"] + d.tp * co["dp"]][co["pp"]] == r
+
+
+@pytest.mark.parametrize("extra", [[], ["--model.tie_embeddings=true"], ["--parallel.pp_layers=[1,3]"]])
+def test_stage_params_add_up_to_the_model(extra) -> None:
+    cfg, plan = _pp(2, 2, *extra)
+    whole = plan.params_global
+    stages_ = [sp.params for sp in plan.stages]
+    tied = cfg.model.tie_embeddings
+    # Every layer on exactly one stage; the embedding on the first, norm and head on the last (with tied
+    # embeddings the last stage keeps its own copy of the matrix as the head).
+    assert sum(p.total for p in stages_) == whole.total + (256 * 128 if tied else 0)
+    assert sum(p.expert for p in stages_) == whole.expert
+    layers = [sp.stage.layers for sp in plan.stages]
+    assert layers == ([(0,), (1, 2, 3)] if "--parallel.pp_layers=[1,3]" in extra else [(0, 1), (2, 3)])
+    assert plan.params_rank == plan.stages[plan.heaviest].params
+
+
+def test_stage_params_equal_meta_device_model() -> None:
+    # Each rank of a PP2×EP2 and an interleaved PP2×2 layout builds only its stage's layers.
+    for extra, world in ((["--parallel.ep=2"], 4),
+                         (["--parallel.pp_virtual=2", "--parallel.pp_schedule=interleaved",
+                           "--train.grad_accum_steps=2"], 2),
+                         (["--model.tie_embeddings=true", "--parallel.pp_layers=[1,3]"], 2)):
+        cfg, plan = _pp(world, 2, *extra)
+        for rank in range(world):
+            with torch.device("meta"):
+                model = MoEGPT(cfg, Topology.virtual(plan.dims, rank))
+            want = plan.stages[plan.coords[rank]["pp"]].params
+            assert (sum(p.numel() for p in model.parameters()),
+                    sum(p.numel() for p in model.expert_parameters())) == (want.total, want.expert), (extra, rank)
+
+
+@pytest.mark.parametrize("pp,v,m", [(2, 1, 1), (2, 1, 4), (3, 1, 2), (4, 1, 8), (2, 2, 2), (2, 2, 4), (4, 2, 8),
+                                    (3, 3, 6), (4, 2, 4)])
+def test_in_flight_is_the_stated_formula_and_the_schedules(pp, v, m) -> None:
+    from moe_dist.pipeline import schedules
+    from moe_dist.plan import in_flight
+    for r in range(pp):
+        for kind in (("interleaved",) if v > 1 else ("gpipe", "1f1b")):
+            got = in_flight(kind, pp, v, m, r)
+            if kind == "gpipe":
+                want = m
+            elif kind == "1f1b":
+                want = min(pp - r, m)
+            else:       # Megatron-core's warm-up + 1, all of them when m = pp
+                want = v * m if m == pp else min(2 * (pp - r - 1) + (v - 1) * pp + 1, v * m)
+            assert sum(got) == want == schedules.in_flight(schedules.build_schedule(kind, pp, v, m, r)), (kind, r)
+
+
+def test_pipeline_activations_by_hand_tiny() -> None:
+    # 1F1B, 4 micro-batches on 2 stages of 2 layers: the first stage holds 2 micro-batches, the last 1 (and the head).
+    _, plan = _pp(2, 2, "--train.grad_accum_steps=4")
+    acts = [sp.memory.activations for sp in plan.stages]
+    assert [sp.in_flight for sp in plan.stages] == [(2,), (1,)]
+    assert acts == [2 * 2 * LAYER, 2 * LAYER + HEAD]
+    assert plan.heaviest == 0 and plan.memory == plan.stages[0].memory
+    # Fewer micro-batches than stages: at most m in flight.
+    _, one = _pp(2, 2, "--train.grad_accum_steps=1")
+    assert [sp.in_flight for sp in one.stages] == [(1,), (1,)]
+    # GPipe: every stage keeps all 4 (the last with 4 heads).
+    _, gp = _pp(2, 2, "--train.grad_accum_steps=4", "--parallel.pp_schedule=gpipe")
+    assert [sp.memory.activations for sp in gp.stages] == [4 * 2 * LAYER, 4 * (2 * LAYER + HEAD)]
+    assert gp.heaviest == 1
+    # Interleaved, 2 chunks of 1 layer per rank, m = 4: rank 0 warms up 2·1 + 1·2 = 4 forwards and holds 5 chunk
+    # micro-batches (3 of chunk 0, 2 of chunk 1); rank 1 holds 3, at most one of them on its head chunk.
+    _, il = _pp(2, 2, "--train.grad_accum_steps=4", "--parallel.pp_virtual=2", "--parallel.pp_schedule=interleaved")
+    assert [sp.in_flight for sp in il.stages] == [(3, 2), (2, 1)]
+    assert [sp.memory.activations for sp in il.stages] == [5 * LAYER, 3 * LAYER + HEAD]
+    # Recompute keeps its one working set per rank, not per micro-batch.
+    _, rc = _pp(2, 2, "--train.grad_accum_steps=4", "--train.recompute=block")
+    assert rc.stages[0].activation_parts == {"block_inputs": 2 * 2 * 1024 * 128 * 4,
+                                             "working_set": LAYER, "head": 0}
+
+
+def test_p2p_bytes_by_hand() -> None:
+    # One activation [8, 128, 128] fp32 = 512 KiB forward and its gradient backward per micro-batch and boundary.
+    _, plan = _pp(2, 2, "--train.grad_accum_steps=4")
+    one = 8 * 128 * 128 * 4
+    assert (plan.p2p.transfer_bytes, plan.p2p.boundaries, plan.p2p.per_step) == (one, 1, 2 * 1 * 4 * one)
+    assert plan.p2p.sent_per_rank == (4 * one, 4 * one)
+    # Interleaved 2×2: three boundaries (virtual stages 0|1|2|3 alternate between the two ranks); each rank sends
+    # three messages per micro-batch. bf16 halves them.
+    _, il = _pp(2, 2, "--train.grad_accum_steps=4", "--parallel.pp_virtual=2", "--parallel.pp_schedule=interleaved",
+                "--train.dtype=bfloat16")
+    half = one // 2
+    assert (il.p2p.boundaries, il.p2p.per_step, il.p2p.sent_per_rank) == (3, 2 * 3 * 4 * half,
+                                                                            (12 * half, 12 * half))
+    assert make_plan(config.load(TINY), 1).p2p.per_step == 0
+
+
+def test_cli_text_and_json_with_stages(capsys) -> None:
+    assert cli.main(["plan", TINY, "--world", "4", "--parallel.pp=2", "--parallel.ep=2",
+                     "--train.grad_accum_steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "world=4 dense: pp=2×dp=2×tp=1  expert: pp=2×edp=1×ep=2×etp=1" in out
+    assert "  pp        [0,2] [1,3]" in out and "  embed     [0,2] [1,3]" in out
+    assert "pipeline: 2 stages × 1 chunk, schedule 1f1b, 4 micro-batches per step" in out
+    assert "bubble 20.0% of the step = (p-1)/(m+p-1)" in out
+    assert "memory per the heaviest stage's ranks (stage 0)" in out
+    assert "2 micro-batches in flight (1f1b, stage 0 of 2)" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("  0     0-1 ") or ln.startswith("  1     2-3 ")]
+    assert len(lines) == 2 and "embed" in lines[0] and "head" in lines[1] and lines[0].endswith(" *")
+    assert cli.main(["plan", TINY, "--world", "4", "--parallel.pp=2", "--parallel.ep=2",
+                     "--train.grad_accum_steps=4", "--json"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    pl = j["pipeline"]
+    assert (pl["pp"], pl["virtual"], pl["schedule"], pl["micro_batches"]) == (2, 1, "1f1b", 4)
+    assert pl["bubble_fraction"] == pytest.approx(1 / 5) and pl["heaviest_stage"] == 0
+    assert [s["layers"] for s in pl["stages"]] == [[[0, 1]], [[2, 3]]]
+    assert [(s["embedding"], s["head"], s["in_flight"]) for s in pl["stages"]] == [(True, False, [2]),
+                                                                                  (False, True, [1])]
+    assert pl["stages"][0]["memory_bytes"] == j["memory_bytes"]
+    assert pl["p2p"]["bytes_per_step"] == 2 * 4 * 8 * 128 * 128 * 4
+    assert j["ranks"][3]["pp"] == 1 and j["layout"]["pp"] == 2

@@ -80,7 +80,7 @@ from dataclasses import dataclass
 from moe_dist.config import Config
 from moe_dist.parallel.topology import ParallelDims
 from moe_dist.plan import (DTYPE_BYTES, FP32, Stage, _in_width, _shared_hidden, _width, alltoall_rows_per_layer,
-                           bubble_fraction, bucket_elements, head_dim, p2p_per_step, param_counts, schedule_name,
+                           bucket_elements, head_dim, p2p_per_step, param_counts, schedule_name,
                            shard_elements, stages, virtual_size, weight_bytes)
 
 
@@ -486,11 +486,6 @@ def estimate(cfg: Config, dims: ParallelDims, net: Network = Network(), comp: Co
     return StepEstimate(micro * s.gemm, micro * s.a2a, s.exposed_dp, step, tokens_gpu,
                         tokens_gpu * model_flops_per_token(cfg) / 1e12, micro * s.a2a / step, s.tp,
                         micro * s.non_gemm, micro * s.recompute, s.optimizer, bubble, s.total_dp, p2p, k, slot, own)
-
-
-def predicted_bubble_fraction(cfg: Config, dims: ParallelDims) -> float:
-    """The schedule's bubble share with equal stages: (p-1)/(m+p-1), interleaved (p-1)/(v·m+p-1)."""
-    return bubble_fraction(schedule_name(cfg, dims), dims.pp, virtual_size(cfg, dims), cfg.train.grad_accum_steps)
 
 
 def with_layout(cfg: Config, *, tp: int = 1, ep: int = 1, etp: int = 1, batch_size: int | None = None,
