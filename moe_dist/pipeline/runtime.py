@@ -38,7 +38,9 @@ class StageChunk(Protocol):
     """One local model chunk (virtual stage) as the runtime drives it; implemented by the model's owner."""
     first: bool             # holds virtual stage 0: its input is the token ids, nothing is received
     last: bool              # holds the last virtual stage: forward returns the scalar loss, nothing is sent
-    dtype: torch.dtype      # of the activation this chunk receives (and of its output's gradient)
+    dtype: torch.dtype      # the wire dtype, the same on every chunk of the model: activations are sent in it
+                            # (an autocast output is cast), gradients come back in it
+    # Optional: `device` (torch.device or str), where received tensors are allocated; CPU without it.
 
     def forward(self, micro: int, inp: Optional[torch.Tensor]) -> torch.Tensor:
         """Not last: the activation to send (requires grad). Last: the micro-batch's scalar loss, already
@@ -120,8 +122,9 @@ class _Runner:
                 chunk = self.chunks[(t.stage + 1) // self.pp]
                 buf = torch.empty(tuple(chunk.activation_shape()), dtype=chunk.dtype, device=_device(chunk))
             else:                                  # the gradient of our output of stage t.stage − 1
+                chunk = self.chunks[(t.stage - 1) // self.pp]
                 out = self.outputs[((t.stage - 1) // self.pp, t.micro)]
-                buf = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+                buf = torch.empty(out.shape, dtype=chunk.dtype, device=out.device)
             ops.append(comm.PeerOp("recv", buf, peer, tag))
             received.append((t.key, buf))
         if not ops:
@@ -156,9 +159,10 @@ class _Runner:
         if chunk.last:
             if out.numel() != 1:
                 raise ValueError(f"the last stage's forward must return the scalar loss, got shape {tuple(out.shape)}")
-            self.losses[a.micro] = out
+            self.losses[a.micro] = out.detach()
             return
-        self.hand_over(("activation", v, a.micro), out.detach(), (v + 1) % self.pp == self.rank)
+        # On the wire in the chunks' dtype, whatever autocast made of the output: the receiver allocated that.
+        self.hand_over(("activation", v, a.micro), out.detach().to(chunk.dtype), (v + 1) % self.pp == self.rank)
 
     def backward(self, a: Action) -> None:
         chunk, v = self.chunks[a.chunk], self.stage(a.chunk)

@@ -44,9 +44,9 @@ class ToyChunk:
     """Virtual stage v of the chain: Linear + tanh; stage 0 reads its micro-batch of x, the last stage returns
     the micro-batch's mean squared error / micro_batches."""
 
-    def __init__(self, v: int, n_stages: int, micro_batches: int):
+    def __init__(self, v: int, n_stages: int, micro_batches: int, out_dtype: torch.dtype = torch.float32):
         self.v, self.first, self.last = v, v == 0, v == n_stages - 1
-        self.layer, self.m = _layer(v), micro_batches
+        self.layer, self.m, self.out_dtype = _layer(v), micro_batches, out_dtype
         self.x, self.y = _data(micro_batches)
         self.dtype = torch.float32
 
@@ -56,12 +56,14 @@ class ToyChunk:
     def forward(self, micro, inp):
         h = self.x[micro * B:(micro + 1) * B] if self.first else inp
         out = torch.tanh(self.layer(h))
-        if torch.is_grad_enabled():
+        if self.last:
+            out = torch.nn.functional.mse_loss(out, self.y[micro * B:(micro + 1) * B]) / self.m
+        else:
+            out = out.to(self.out_dtype)        # float64: an output in another dtype than the wire's (autocast)
+        if torch.is_grad_enabled():             # the runtime holds what forward returns until its backward
             LIVE["now"] += 1
             LIVE["peak"] = max(LIVE["peak"], LIVE["now"])
             weakref.finalize(out, _release)
-        if self.last:
-            return torch.nn.functional.mse_loss(out, self.y[micro * B:(micro + 1) * B]) / self.m
         return out
 
 
@@ -85,9 +87,9 @@ def _pipeline_rank(rank, world, cases):
             labels.append(comm.progress()[2])
 
     with comm.observe_collectives(see):
-        for kind, virtual, m in cases:
+        for kind, virtual, m, *out_dtype in cases:
             n_stages = world * virtual
-            chunks = [ToyChunk(topo.pp.rank + c * world, n_stages, m) for c in range(virtual)]
+            chunks = [ToyChunk(topo.pp.rank + c * world, n_stages, m, *out_dtype) for c in range(virtual)]
             actions = build_schedule(kind, world, virtual, m, topo.pp.rank)
             LIVE.update(now=0, peak=0)
             run_schedule(actions, topo, chunks, m)
@@ -99,7 +101,7 @@ def _pipeline_rank(rank, world, cases):
 
 
 def _check(results, cases, world):
-    for i, (kind, virtual, m) in enumerate(cases):
+    for i, (kind, virtual, m, *_) in enumerate(cases):
         loss, ref = _reference(world * virtual, m)
         grads = {}
         for r in range(world):
@@ -117,7 +119,8 @@ def _check(results, cases, world):
 
 
 def test_two_stages_match_one_process_for_every_schedule():
-    cases = [("gpipe", 1, 3), ("1f1b", 1, 4), ("1f1b", 1, 1), ("interleaved", 2, 4), ("interleaved", 2, 2)]
+    cases = [("gpipe", 1, 3), ("1f1b", 1, 4), ("1f1b", 1, 1), ("interleaved", 2, 4), ("interleaved", 2, 2),
+             ("1f1b", 1, 2, torch.float64)]
     results = run_ranks(_pipeline_rank, 2, cases, timeout=120)
     _check(results, cases, 2)
     labels = results[0][1]
