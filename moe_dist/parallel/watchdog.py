@@ -82,13 +82,16 @@ class Watchdog:
             self._thread.join(timeout=self.poll_s + 5)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        # The first report goes out at once: a rank that freezes within its first poll interval is then named
+        # as no longer reporting rather than as never having reported.
+        while True:
             try:
                 self.poll()
             except Exception as e:     # the store went away (a rank died, shutdown): the run's own error wins
-                if self._stop.is_set():
-                    return
-                self._say(f"moe-dist: watchdog: stopped ({type(e).__name__}: {e})")
+                if not self._stop.is_set():
+                    self._say(f"moe-dist: watchdog: stopped ({type(e).__name__}: {e})")
+                return
+            if self._stop.wait(self.poll_s):
                 return
 
     # ----------------------------------------------------------------------------------------- one poll
