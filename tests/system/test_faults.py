@@ -1,10 +1,11 @@
 """Faults during `moe-dist train` on 2 CPU ranks, each with a bounded wait (a hang fails the test, not the suite).
 
 - A rank killed (SIGKILL) or frozen (SIGSTOP) mid-training: the other rank exits with an error within the
-  collective timeout (parallel.timeout_s), without any launcher agent to clean up after it.
+  collective timeout (parallel.timeout_s), without any launcher agent to clean up after it; with EP=2, and with
+  2 pipeline stages (no hang on a pending receive; the watchdog names the frozen stage first).
 - A world size that does not match the config's layout is refused, under each launcher, before training starts.
 - torchrun --max-restarts=1 after a rank is killed: the job resumes from the last checkpoint and each step
-  appears exactly once in the final history.
+  appears exactly once in the final history (EP=2, and 2 pipeline stages as a slow case).
 - A NaN/Inf loss stops the run naming the step and the layer whose router produced it, or is skipped when
   train.on_nonfinite=skip.
 """
@@ -70,14 +71,24 @@ class Rank:
         self.proc.wait()
 
 
-def test_a_dead_or_frozen_rank_makes_the_other_exit_within_the_timeout(tokens, tmp_path):
+# The layouts a rank dies in: experts on 2 ranks (collectives), and 2 pipeline stages (the survivor mostly waits
+# in a point-to-point receive from the other stage, or in a collective over the world at the end of a step).
+# The pipeline case also lowers parallel.stall_warn_s so that the watchdog reports the stalled wait first.
+STALL_WARN_S = 2
+FAULT_LAYOUTS = {"ep2": ["--parallel.ep=2"],
+                 "pp2": ["--parallel.pp=2", "--train.grad_accum_steps=2", f"--parallel.stall_warn_s={STALL_WARN_S}"]}
+
+
+@pytest.mark.parametrize("layout", list(FAULT_LAYOUTS))
+def test_a_dead_or_frozen_rank_makes_the_other_exit_within_the_timeout(layout, tokens, tmp_path):
     """Two 2-rank jobs at once: in one rank 1 is killed (its sockets close), in the other it is stopped
-    (SIGSTOP: its sockets stay open and silent, so only the collective timeout can free rank 0)."""
+    (SIGSTOP: its sockets stay open and silent, so only the collective timeout can free rank 0). With pp=2
+    rank 1 is the last stage: rank 0 must not hang on a receive from it."""
     jobs = {}
     for fault in ("kill", "stop"):
         # Many steps so that rank 0 is certainly mid-training when its peer goes; progress printed every step.
-        args = args_for(tokens, tmp_path / fault, "--parallel.ep=2", "--train.steps=100000", "--train.log_every=1",
-                        f"--parallel.timeout_s={TIMEOUT_S}", "--train.tensorboard=false")
+        args = args_for(tokens, tmp_path / fault, *FAULT_LAYOUTS[layout], "--train.steps=100000",
+                        "--train.log_every=1", f"--parallel.timeout_s={TIMEOUT_S}", "--train.tensorboard=false")
         port = free_port()
         jobs[fault] = [Rank(r, 2, port, args, tmp_path) for r in range(2)]
     try:
@@ -106,6 +117,16 @@ def test_a_dead_or_frozen_rank_makes_the_other_exit_within_the_timeout(tokens, t
             err[-3000:]
         # The collective itself is bounded by TIMEOUT_S; the rest is slack for a loaded machine.
         assert waited[fault] < TIMEOUT_S + 30, f"{fault}: rank 0 needed {waited[fault]:.0f}s (timeout {TIMEOUT_S}s)"
+    if layout == "pp2":
+        # The frozen stage: before the timeout, rank 0's watchdog names the wait, and a point-to-point one with
+        # its pipeline place; by its second report (every STALL_WARN_S) rank 1 has stopped reporting.
+        reports = [ln for ln in "".join(jobs["stop"][0].err).splitlines() if ln.startswith("moe-dist: watchdog:")]
+        assert reports, "".join(jobs["stop"][0].err)[-3000:]
+        print(reports[-1])                                                                         # pytest -s
+        assert any("rank 1 (no report for" in ln and "frozen or dead" in ln for ln in reports), reports
+        for ln in reports:
+            if " send_recv #" in ln:
+                assert re.search(r"send_recv #\d+ with ranks \[0, 1\] \(step \d+, pipeline (send|recv) ", ln), ln
 
 
 def test_a_world_that_does_not_match_the_config_is_refused_before_training(tokens, tmp_path):
@@ -168,11 +189,14 @@ def _records_so_far(metrics: Path) -> list[dict]:
 RESTART_STEPS, CKPT_EVERY, KILL_AFTER = 40, 10, 14
 
 
-def test_torchrun_max_restarts_resumes_from_the_last_checkpoint_with_no_step_lost_or_repeated(tokens, tmp_path):
+@pytest.mark.parametrize("layout", ["ep2", pytest.param("pp2", marks=pytest.mark.slow)])
+def test_torchrun_max_restarts_resumes_from_the_last_checkpoint_with_no_step_lost_or_repeated(layout, tokens,
+                                                                                              tmp_path):
+    """EP=2, or 2 pipeline stages (each rank saves its stage's half of the checkpoint; the restart loads it)."""
     args = args_for(tokens, tmp_path / "run", f"--train.steps={RESTART_STEPS}", f"--checkpoint.every={CKPT_EVERY}",
                     "--checkpoint.keep=2", "--train.log_every=1", f"--parallel.timeout_s={TIMEOUT_S}",
-                    "--train.tensorboard=false")
-    env = script_env(NPROC_PER_NODE="2", EP="2", MAX_RESTARTS="1")
+                    "--train.tensorboard=false", *(["--train.grad_accum_steps=2"] if layout == "pp2" else []))
+    env = script_env(NPROC_PER_NODE="2", MAX_RESTARTS="1", **({"EP": "2"} if layout == "ep2" else {"PP": "2"}))
     # torchrun.sh execs torchrun, so this pid is the elastic agent and the ranks are its children.
     agent = subprocess.Popen([str(LAUNCH / "torchrun.sh"), *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
