@@ -24,14 +24,7 @@ import torch
 
 from moe_dist.parallel import comm
 from moe_dist.parallel.topology import Topology
-from moe_dist.pipeline.schedules import (
-    KINDS,
-    Action,
-    Transfer,
-    build_schedule,
-    exchanges,
-    forward_schedule,
-)
+from moe_dist.pipeline.schedules import Action, Transfer, exchanges, forward_schedule, kind_of
 
 
 class StageChunk(Protocol):
@@ -77,19 +70,6 @@ def _check_chunks(topo: Topology, chunks: Sequence[StageChunk]) -> tuple[int, in
             raise ValueError(f"chunk {c} of pp rank {r} is virtual stage {v} of {pp * virtual}: first should be "
                              f"{v == 0} and last {v == pp * virtual - 1}, got first={chunk.first} last={chunk.last}")
     return pp, r, virtual
-
-
-def _kind_of(actions: Sequence[Action], pp: int, virtual: int, micro_batches: int, r: int) -> str:
-    """Which schedule `actions` is: the runtime only runs lists whose transfer plan is proven deadlock-free."""
-    actions = list(actions)
-    for kind in KINDS:
-        try:
-            if build_schedule(kind, pp, virtual, micro_batches, r) == actions:
-                return kind
-        except ValueError:
-            continue
-    raise ValueError(f"the actions of pp rank {r} are not a gpipe, 1f1b or interleaved schedule for pp={pp}, "
-                     f"virtual={virtual}, micro_batches={micro_batches}; build them with build_schedule")
 
 
 class _Runner:
@@ -202,7 +182,7 @@ def run_schedule(actions: Sequence[Action], topo: Topology, chunks: Sequence[Sta
     len(chunks), micro_batches, topo.pp.rank)). Every rank of topo.pp calls it at the same time. Gradients
     accumulate in the chunks' parameters; the losses stay with the chunks (the last stage's forward made them)."""
     pp, r, virtual = _check_chunks(topo, chunks)
-    kind = _kind_of(actions, pp, virtual, micro_batches, r)
+    kind = kind_of(actions, pp, virtual, micro_batches, r)
     _Runner(topo, chunks, grad=True).run(kind, list(actions))
 
 

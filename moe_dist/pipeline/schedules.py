@@ -94,6 +94,21 @@ def build_schedule(kind: str, pp: int, virtual: int, micro_batches: int, pp_rank
     return out + [Action("B", i, 0) for i in range(m - warmup, m)]
 
 
+def kind_of(actions: Sequence[Action], pp: int, virtual: int, micro_batches: int, pp_rank: int) -> str:
+    """Which schedule `actions` is (the runtime runs only lists whose transfer plan is proven here). A list that
+    two kinds share (e.g. interleaved with virtual = 1 on the last rank is 1F1B's) gets the same transfers
+    under either (tested)."""
+    actions = list(actions)
+    for kind in KINDS:
+        try:
+            if build_schedule(kind, pp, virtual, micro_batches, pp_rank) == actions:
+                return kind
+        except ValueError:
+            continue
+    raise ValueError(f"the actions of pp rank {pp_rank} are not a gpipe, 1f1b or interleaved schedule for pp={pp}, "
+                     f"virtual={virtual}, micro_batches={micro_batches}; build them with build_schedule")
+
+
 def forward_schedule(pp: int, virtual: int, micro_batches: int, pp_rank: int) -> list[Action]:
     """Forward only (evaluation): micro-batches in groups of pp (the last one may be smaller), each group through
     chunk 0, then chunk 1, ... (the forward order of the interleaved schedule; with virtual = 1 simply the

@@ -9,18 +9,8 @@ import itertools
 
 import pytest
 
-from moe_dist.pipeline.schedules import (
-    KINDS,
-    Action,
-    Transfer,
-    build_schedule,
-    check_schedule,
-    exchanges,
-    forward_schedule,
-    in_flight,
-    simulate,
-    simulate_exchanges,
-)
+from moe_dist.pipeline.schedules import (KINDS, Action, Transfer, build_schedule, check_schedule, exchanges,
+                                         forward_schedule, in_flight, kind_of, simulate, simulate_exchanges)
 
 CASES = [(kind, pp, v, m) for kind, pp, v, m in itertools.product(KINDS, range(1, 5), range(1, 4), range(1, 9))
          if (v == 1 or kind == "interleaved") and (kind != "interleaved" or m % pp == 0)]
@@ -40,6 +30,10 @@ def test_every_schedule_completes_once_per_micro_and_stage_without_deadlock(kind
     span, _ = simulate(scheds, v)
     assert span >= m * v * 3.0                           # at least the ideal m·v·(F + B) on every rank
     simulate_exchanges([[batch for batch, _ in exchanges(kind, scheds[r], r, pp, v)] for r in range(pp)])
+    # The runtime sees only each rank's list: the kind it infers gives the same transfers.
+    inferred = [kind_of(scheds[r], pp, v, m, r) for r in range(pp)]
+    assert [[b for b, _ in exchanges(k, scheds[r], r, pp, v) if b] for r, k in enumerate(inferred)] == \
+        [[b for b, _ in exchanges(kind, scheds[r], r, pp, v) if b] for r in range(pp)]
 
 
 @pytest.mark.parametrize("kind,pp,v,m", CASES)
