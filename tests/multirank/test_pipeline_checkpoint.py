@@ -25,10 +25,11 @@ ACCUM = 2          # micro-batches per step: the pipeline schedules run 2 of the
 N_LAYERS = 4
 
 
-def _layout(pp: int, ep: int = 1, world: int = 4, pp_layers=None, tie: bool = False, **train) -> dict:
+def _layout(pp: int, ep: int = 1, world: int = 4, pp_layers=None, tie: bool = False, jitter_eps: float = 0.0,
+            **train) -> dict:
     """A 4-layer tiny model on `world` ranks: pp stages of world/pp ranks, each micro-batch G sequences."""
     dp = world // pp
-    raw = tiny(1, ep, 1, batch_size=G // dp, steps=6)
+    raw = tiny(1, ep, 1, batch_size=G // dp, steps=6, jitter_eps=jitter_eps)
     raw["model"].update({"n_layers": N_LAYERS, "tie_embeddings": tie})
     raw["parallel"].update({"pp": pp, "pp_layers": pp_layers})
     raw["train"].update({"grad_accum_steps": ACCUM, **train})
@@ -128,6 +129,20 @@ def test_pp2_checkpoint_loads_in_one_process(tmp_path):
     results = [{"pp1": {"got": got, "resumed": resumed, "said": said}}]
     _check(ref, results, "pp1", "saved with world=2 tp=1 ep=1 etp=1 dp=1 pp=2 pp_layers=2,2, resharded to "
                                 "world=1 tp=1 ep=1 etp=1 dp=1")
+
+
+def _same_layout_resume(rank, world, raw, cdir):
+    """Router jitter on: the resumed run continues bit for bit only if each rank's RNG state came back."""
+    whole = _reference(rank, world, raw, cdir)
+    got, resumed, _ = _run(raw, world, cdir, "must", 4, cdir + "/out2")
+    return {"whole": whole, "got": got, "resumed": resumed}
+
+
+def test_pp2_resume_in_the_same_layout_is_bit_identical(tmp_path):
+    raw = _layout(2, world=2, jitter_eps=0.1)
+    for r in run_ranks(_same_layout_resume, 2, raw, str(tmp_path / "pp2"), timeout=240):
+        assert r["resumed"].endswith("step_000002")
+        assert r["got"] == r["whole"][2:]                             # exact float equality
 
 
 # ------------------------------------------------------------------------------------------- 4 ranks
