@@ -86,17 +86,18 @@ class Memory:
 @dataclass(frozen=True)
 class Comm:
     """Per rank under uniform routing. `rows` is one MoE layer's `alltoall_rows_per_layer`; each
-    `*_bytes` entry is what the rank sends in one collective (it receives as much), per layer."""
+    `*_bytes` entry is what the rank sends in one collective (it receives as much), per layer and micro-batch."""
     rows: dict[str, float]
     alltoall_bytes: dict[str, float]   # dispatch_fwd, combine_fwd, dispatch_bwd, combine_bwd
     etp_bytes: dict[str, float]        # all-gather / reduce-scatter inside the ETP group (zeros if etp=1)
-    moe_layers: int
+    moe_layers: int                    # on the rank (its pipeline stage's)
+    micro_batches: int = 1             # train.grad_accum_steps
 
     def per_layer_total(self) -> float:
         return sum(self.alltoall_bytes.values()) + sum(self.etp_bytes.values())
 
     def per_step_total(self) -> float:
-        return self.per_layer_total() * self.moe_layers
+        return self.per_layer_total() * self.moe_layers * self.micro_batches
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,7 @@ def comm_per_rank(cfg: Config, dims: ParallelDims, stage: int | Stage | None = N
     return Comm(rows,
                 {"dispatch_fwd": a2a, "combine_fwd": a2a, "dispatch_bwd": a2a, "combine_bwd": a2a},
                 {"gather_fwd": etp, "scatter_fwd": etp, "gather_bwd": etp, "scatter_bwd": etp},
-                n_moe)
+                n_moe, cfg.train.grad_accum_steps)
 
 
 def in_flight(schedule: str, pp: int, virtual: int, micro_batches: int, rank: int,
@@ -611,7 +612,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "memory_bytes": mem,
         "memory_terms": plan.memory_terms,
         "activations_bytes": plan.activation_parts,
-        "alltoall": {"moe_layers": c.moe_layers,
+        "alltoall": {"moe_layers": c.moe_layers, "micro_batches": c.micro_batches,
                      "rows_per_layer": {k: _num(v) for k, v in c.rows.items()},
                      "bytes_per_layer": {k: _num(v) for k, v in (c.alltoall_bytes | c.etp_bytes).items()},
                      "bytes_per_layer_total": _num(c.per_layer_total()),
@@ -707,10 +708,12 @@ def format_plan(plan: Plan, title: str = "") -> str:
     out += ["", *format_memory(plan)]
     if d.pp > 1:
         out += ["", *format_pipeline(plan)]
-    out += ["", f"all-to-all per rank, uniform routing, {c.moe_layers} MoE layers (rows per layer: "
+    out += ["", f"all-to-all per rank, uniform routing, {c.moe_layers} MoE layers"
+            + (" on the rank's stage" if d.pp > 1 else "") + f", {c.micro_batches} micro-batch"
+            + ("es" if c.micro_batches > 1 else "") + " per step (rows per layer: "
             + ", ".join(f"{k} {v:,.0f}" for k, v in c.rows.items()) + ")",
             f"  {'collective':<16}{'per layer':>16}{'per step':>16}"]
     for k, v in (c.alltoall_bytes | (c.etp_bytes if d.etp > 1 else {})).items():
-        out.append(f"  {k:<16}{_gib(v):>16}{_gib(v * c.moe_layers):>16}")
+        out.append(f"  {k:<16}{_gib(v):>16}{_gib(v * c.moe_layers * c.micro_batches):>16}")
     out.append(f"  {'total':<16}{_gib(c.per_layer_total()):>16}{_gib(c.per_step_total()):>16}")
     return "\n".join(out)

@@ -238,8 +238,8 @@ def test_cli_json(capsys) -> None:
     assert j["params"]["global"]["total"] == 46_702_792_704
     assert j["params"]["per_rank"]["expert"] * 8 == j["params"]["global"]["expert"]
     assert set(j["memory_bytes"]) == {"weights", "grads", "optimizer", "activations", "total"}
-    assert set(j["alltoall"]) == {"moe_layers", "rows_per_layer", "bytes_per_layer", "bytes_per_layer_total",
-                                  "bytes_per_step_total"}
+    assert set(j["alltoall"]) == {"moe_layers", "micro_batches", "rows_per_layer", "bytes_per_layer",
+                                  "bytes_per_layer_total", "bytes_per_step_total"}
     assert j["alltoall"]["bytes_per_step_total"] == 32 * 4 * 896 * 4096 * 2
     assert j == to_json(make_plan(config.load(MIXTRAL, ["--parallel.tp=8"]), 64))
 
@@ -418,3 +418,6 @@ def test_cli_text_and_json_with_stages(capsys) -> None:
     assert pl["stages"][0]["memory_bytes"] == j["memory_bytes"]
     assert pl["p2p"]["bytes_per_step"] == 2 * 4 * 8 * 128 * 128 * 4
     assert j["ranks"][3]["pp"] == 1 and j["layout"]["pp"] == 2
+    # All-to-alls: a stage's 2 MoE layers, every micro-batch (ep = 2 sends half of 2048 rows of 512 B).
+    assert (j["alltoall"]["moe_layers"], j["alltoall"]["micro_batches"]) == (2, 4)
+    assert j["alltoall"]["bytes_per_step_total"] == 4 * 2 * 4 * 524288

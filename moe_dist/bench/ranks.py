@@ -44,6 +44,10 @@ def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
     tp_calls, tp_bytes, tp_s   per step, collectives on the tensor-parallel group: calls, bytes (each call's
                        input for all-reduce, the full gathered output for all-gather) and seconds inside
     tp_calls_by_op, tp_bytes_by_op   per step, the same split by `CollectiveCall.op` ("all_reduce", "all_gather")
+    p2p_calls, p2p_bytes, p2p_s   per step, the pipeline's point-to-point batches ("send_recv": activations and
+                       gradients between stages): batches, bytes this rank sent, seconds inside them (a receive
+                       blocks until the neighbour stage has produced the tensor: the rank's wait for the pipeline)
+    pp_rank            this rank's pipeline stage (0 without stages)
     kept_L, dropped_L  per MoE layer, assignments this rank kept / dropped, summed over steps: capacity is
                        applied to each rank's own tokens (a GShard group), so this is the per-rank drop count
     rss_before, peak_rss   bytes, before the first step and the process peak at the end (ru_maxrss)
@@ -75,7 +79,7 @@ def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
     step_calls: list[CollectiveCall] = []          # this step's collectives, in the order they were issued
     out: dict[str, Any] = {"step_s": [], "lm_loss": [], "drop_fraction": [], "a2a_rows_out": [], "a2a_s": [],
                            "a2a_calls": [], "a2a_bytes": [], "tp_calls": [], "tp_bytes": [], "tp_s": [],
-                           "tp_calls_by_op": [], "tp_bytes_by_op": []}
+                           "tp_calls_by_op": [], "tp_bytes_by_op": [], "p2p_calls": [], "p2p_bytes": [], "p2p_s": []}
     try:
         rss_before = rss_bytes()
         with observe_collectives(step_calls.append):
@@ -84,6 +88,7 @@ def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
                 r = trainer.train_step(step)
                 a2a = [c for c in step_calls if c.op == "all_to_all"]
                 tp = [c for c in step_calls if on_group(c, topo.tp)]
+                p2p = [c for c in step_calls if c.op == "send_recv"]
                 out["step_s"].append(r.seconds)
                 out["lm_loss"].append(r.lm_loss)
                 out["drop_fraction"].append(r.drop_fraction)
@@ -94,6 +99,9 @@ def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
                 out["tp_calls"].append(len(tp))
                 out["tp_bytes"].append(sum(c.nbytes for c in tp))
                 out["tp_s"].append(sum(c.seconds for c in tp))
+                out["p2p_calls"].append(len(p2p))
+                out["p2p_bytes"].append(sum(c.nbytes for c in p2p))
+                out["p2p_s"].append(sum(c.seconds for c in p2p))
                 by_op: dict[str, list[int]] = {}
                 for c in tp:
                     calls_bytes = by_op.setdefault(c.op, [0, 0])
@@ -105,7 +113,8 @@ def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
         for h in handles:
             h.remove()
     out.update(kept_L=kept, dropped_L=dropped, rss_before=rss_before, peak_rss=peak_rss_bytes(),
-               threads=torch.get_num_threads(), dp=topo.dims.dp, rank=rank)
+               threads=torch.get_num_threads(), dp=topo.dims.dp, rank=rank,
+               pp_rank=topo.dims.coords(rank)["pp"] if world > 1 else 0)
     return out
 
 

@@ -1,13 +1,19 @@
-"""`moe-dist bench scaling`: weak and strong scaling of the training step on gloo CPU ranks, for three layouts,
+"""`moe-dist bench scaling`: weak and strong scaling of the training step on gloo CPU ranks, for four layouts,
 then the same curves on 8–1024 GPUs from the alpha-beta model (`alpha_beta.py`).
 
 Layouts at N ranks (N=1 is the shared baseline: one process, no collective):
     EP-only  tp=1, ep=N              (dense weights replicated, every expert on one rank)
     EP×DP    tp=1, ep=N/2, edp=2     (N=2: plain DP)           GPU: ep=8 (one node), dp=N/8
     TP×EP    tp=2, ep=N/2
+    PP×EP    pp=2, ep=N/2, 1F1B      GPU: pp=4, ep=8 (Megatron-core's Mixtral layout TP1 EP8 PP4), N >= 32
 Weak scaling: each dp rank reads `--batch-per-rank`·tp sequences (tokens per rank fixed, a tp group shares its
 tokens) and the model has `--experts-per-rank`·ep experts (experts per rank fixed). Strong scaling: the
 global batch is `--batch-per-rank`·max(ranks) sequences and the config's expert count, whatever N.
+PP×EP: a pipeline of pp ranks shares its dp rank's sequences (`--batch-per-rank`·pp of them in weak scaling, so
+tokens per rank stay fixed), in 2·pp micro-batches (train.grad_accum_steps) of half `--batch-per-rank` each; on
+GPUs 4·pp = 16 micro-batches of the config's batch_size. Its CPU model line is the 1F1B timeline with the ranks
+sharing the cores (`bench.pipeline_cpu.simulate`) on the bottleneck stage's FLOPs, plus the fitted all-to-all
+and the point-to-point transfers at the all-to-all's alpha-beta.
 
 Measured per point: tokens/s (global batch / median step time), efficiency against linear — raw (N times the
 1-rank rate) and normalised by cores (min(N, cores) times it: each rank has one thread, so ranks beyond the
@@ -34,10 +40,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-LAYOUTS = ("EP-only", "EP×DP", "TP×EP")
+LAYOUTS = ("EP-only", "EP×DP", "TP×EP", "PP×EP")
+GPU_PP = 4                  # pipeline stages of the GPU PP×EP curve
 # Megatron-core MoE README (NVIDIA/Megatron-LM, megatron/core/transformer/moe/README.md, MCore v0.9):
-# "468 TFLOPS for Mixtral 8X7B bf16 training" on H100. The README gives no layout; NVIDIA's Mixtral recipes
-# (Megatron-MoE-ModelZoo) train it on 64 H100s with EP=8 (TP=1, PP=4), which is the point we compare at.
+# "468 TFLOPS for Mixtral 8X7B bf16 training" on H100. The README gives no layout; its Mixtral example
+# (examples/mixtral/README.md) recommends TP1 EP8 PP4 for training, which the PP×EP curve models at 64 GPUs; the
+# EP×DP point (pp=1) is compared too.
 PUBLISHED = {"tflops_per_gpu": 468.0, "gpus": 64, "layout": "EP×DP",
              "source": "NVIDIA/Megatron-LM megatron/core/transformer/moe/README.md (MCore v0.9): "
                        "'468 TFLOPS for Mixtral 8X7B bf16 training' on H100; 64 GPUs, EP=8 per NVIDIA's recipe"}
@@ -53,7 +61,14 @@ def layout(name: str, n: int) -> tuple[int, int]:
         return 1, n // 2
     if name == "TP×EP":
         return 2, n // 2
+    if name == "PP×EP":
+        return 1, n // 2
     raise ValueError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUTS)}")
+
+
+def stages(name: str, n: int) -> int:
+    """Pipeline stages of a CPU layout at n ranks."""
+    return 2 if name == "PP×EP" and n > 1 else 1
 
 
 def gpu_layout(name: str, n: int, experts: int) -> tuple[int, int, int]:
@@ -65,13 +80,24 @@ def gpu_layout(name: str, n: int, experts: int) -> tuple[int, int, int]:
         return 1, min(experts, n), experts
     if name == "TP×EP":
         return 2, n // 2, n // 2
+    if name == "PP×EP":
+        return 1, experts, experts            # with GPU_PP stages: from pp·ep = 32 GPUs on
     raise ValueError(f"unknown layout {name!r}")
 
 
 def point_config(base, mode: str, name: str, n: int, args):
     from moe_dist.bench.alpha_beta import with_layout
     tp, ep = layout(name, n)
-    dp = n // tp
+    pp = stages(name, n)
+    dp = n // (tp * pp)
+    if pp > 1:
+        # 2·pp micro-batches of half a rank's sequences: the dp rank's batch_per_rank·pp (weak) or its share
+        # of the global batch (strong).
+        mb = max(1, args.batch_per_rank // 2)
+        seqs = args.batch_per_rank * pp if mode == "weak" else args.batch_per_rank * max(args.ranks) // dp
+        return with_layout(base, tp=tp, ep=ep, pp=pp, pp_schedule="1f1b", batch_size=mb,
+                           grad_accum_steps=max(1, seqs // mb),
+                           num_experts=args.experts_per_rank * ep if mode == "weak" else None)
     if mode == "weak":
         return with_layout(base, tp=tp, ep=ep, batch_size=args.batch_per_rank * tp,
                            num_experts=args.experts_per_rank * ep)
@@ -87,10 +113,13 @@ def measure(cfg, n: int, steps: int, warmup: int) -> dict[str, Any]:
     a2a_s = statistics.median(statistics.mean(r["a2a_s"][i] for r in res) for i in timed)
     rows = statistics.mean(statistics.mean(r["a2a_rows_out"][i] for i in timed) for r in res)
     calls = statistics.mean(r["a2a_calls"][-1] for r in res)
-    tokens = cfg.train.batch_size * cfg.train.seq_len * res[0]["dp"]
+    tokens = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum_steps * res[0]["dp"]
     fwd_bytes = rows * cfg.model.dim * 4
     tp_s = statistics.median(statistics.mean(r["tp_s"][i] for r in res) for i in timed)
-    return {"ranks": n, "tp": cfg.parallel.tp, "ep": cfg.parallel.ep, "dp": res[0]["dp"],
+    p2p_s = statistics.median(statistics.mean(r["p2p_s"][i] for r in res) for i in timed)
+    return {"ranks": n, "tp": cfg.parallel.tp, "ep": cfg.parallel.ep, "dp": res[0]["dp"], "pp": cfg.parallel.pp,
+            "micro_batches": cfg.train.grad_accum_steps,
+            "p2p_s": p2p_s, "p2p_bytes_per_rank_step": statistics.mean(r["p2p_bytes"][-1] for r in res),
             "num_experts": cfg.moe.num_experts, "batch_per_dp_rank": cfg.train.batch_size,
             "step_s": step_s, "tokens_per_s": tokens / step_s, "a2a_s": a2a_s, "a2a_share": a2a_s / step_s,
             "a2a_calls_per_step": calls, "a2a_dispatch_bytes_per_rank": fwd_bytes,
@@ -106,7 +135,9 @@ def cpu_model(points: dict[str, list[dict]], base_cfg_for, cores: int, extra_ran
     from moe_dist.bench.alpha_beta import CpuFit, fit_alpha_beta, fit_tp, flops_per_rank, tp_collectives
     from moe_dist.parallel.layout import check_layout
     from moe_dist.parallel.topology import ParallelDims
-    from moe_dist.plan import alltoall_rows_per_layer
+    from moe_dist.bench.pipeline_cpu import simulate
+    from moe_dist.plan import alltoall_rows_per_layer, p2p_per_step
+    from moe_dist.plan import stages as stages_of
     from moe_dist.models.gpt import is_moe_layer
     one = next(iter(points.values()))[0]
     cfg1 = base_cfg_for("EP-only", 1)
@@ -131,12 +162,22 @@ def cpu_model(points: dict[str, list[dict]], base_cfg_for, cores: int, extra_ran
             except ValueError:              # LayoutError: this layout cannot run on n ranks
                 continue
             work = sum(flops_per_rank(cfg, dims).values()) / f1
-            n_moe = sum(is_moe_layer(cfg.model, i) for i in range(cfg.model.n_layers))
+            n_moe = max(st.n_moe for st in stages_of(cfg, dims))
             byts = 4 * n_moe * alltoall_rows_per_layer(cfg, dims)["sent"] * cfg.model.dim * 4
             calls = calls_per_moe_layer * n_moe if dims.ep > 1 else 0
             tc = tp_collectives(cfg, dims)
-            step = fit.step(n, work, calls, byts, tc.calls, tc.bytes)
-            line.append((n, cfg.train.batch_size * cfg.train.seq_len * dims.dp / step))
+            m = cfg.train.grad_accum_steps
+            if dims.pp > 1:
+                # One micro-batch of the slowest stage at full speed (its all-to-alls included), run through the
+                # 1F1B timeline with the ranks sharing the cores; transfers at the all-to-all's alpha-beta.
+                slot = fit.step(1, work, calls, byts)
+                tl = simulate("1f1b", dims.pp, 1, m, slot / 3, 2 * slot / 3, ranks_per_stage=n // dims.pp,
+                              cores=cores)
+                sent = max(p2p_per_step(cfg, dims).sent_per_rank)
+                step = tl.makespan_s + 2 * m * alpha + (sent / beta if beta else 0.0)
+            else:
+                step = fit.step(n, work, calls, byts, tc.calls, tc.bytes)
+            line.append((n, cfg.train.batch_size * cfg.train.seq_len * m * dims.dp / step))
         lines[name] = line
     return fit, lines, tp_method
 
@@ -151,22 +192,31 @@ def gpu_curves(gcfg, args, net, comp) -> dict[str, dict[str, list[dict]]]:
             rows = []
             for n in args.gpus:
                 tp, ep, experts = gpu_layout(name, n, E)
-                dp = n // tp
+                pp = GPU_PP if name == "PP×EP" else 1
+                dp = n // (tp * pp)
+                if dp < 1:
+                    continue
                 if mode == "weak":
                     batch = gcfg.train.batch_size * tp        # sequences per dp rank: tokens per GPU fixed
                 else:
                     if args.gpu_global_batch % dp:
                         continue
                     batch = args.gpu_global_batch // dp
-                    experts = E if name == "EP×DP" else experts
+                    experts = E if name in ("EP×DP", "PP×EP") else experts
+                # A pipeline runs 4·pp micro-batches (weak) or splits its dp rank's sequences into up to that many.
+                micro = 4 * pp if mode == "weak" else max(1, min(4 * pp, batch))
+                mb = batch if pp == 1 or mode == "weak" else max(1, batch // micro)
                 try:
-                    cfg = with_layout(gcfg, tp=tp, ep=ep, batch_size=batch, num_experts=experts)
+                    cfg = with_layout(gcfg, tp=tp, ep=ep, batch_size=mb, num_experts=experts, pp=pp,
+                                      grad_accum_steps=(micro if mode == "weak" else batch // mb) if pp > 1 else None)
                     dims = check_layout(cfg, n)
                 except ValueError:          # LayoutError: this layout cannot run on n GPUs
                     continue
                 e = estimate(cfg, dims, net, comp, overlap_dp=not args.no_dp_overlap)
-                rows.append({"gpus": n, "tp": tp, "ep": ep, "dp": dims.dp, "num_experts": experts,
-                             "batch_per_dp_rank": batch, "step_s": e.step_s, "compute_s": e.compute_s,
+                rows.append({"gpus": n, "tp": tp, "ep": ep, "pp": pp, "dp": dims.dp, "num_experts": experts,
+                             "batch_per_dp_rank": batch, "micro_batches": cfg.train.grad_accum_steps,
+                             "bubble_s": e.bubble_s, "pipeline_p2p_s": e.p2p_s,
+                             "step_s": e.step_s, "compute_s": e.compute_s,
                              "alltoall_s": e.alltoall_s, "tp_collectives_s": e.tp_s,
                              "dp_allreduce_exposed_s": e.dp_allreduce_s,
                              "tokens_per_s_per_gpu": e.tokens_per_s_per_gpu, "tflops_per_gpu": e.tflops_per_gpu,
@@ -292,12 +342,18 @@ def run(args: argparse.Namespace) -> int:
                       published_tokens_per_s_per_gpu=PUBLISHED["tflops_per_gpu"] * 1e12 / fpt,
                       model_tflops_per_gpu=at["tflops_per_gpu"] if at else None,
                       relative_error=(at["tflops_per_gpu"] / PUBLISHED["tflops_per_gpu"] - 1) if at else None,
-                      not_modelled="pipeline bubble (PP=4 in the recipe; pp=1 here), all-to-all/compute overlap, "
-                                   "load imbalance")
+                      not_modelled="all-to-all/compute overlap, load imbalance")
+    # The recipe's own layout, TP1 EP8 PP4 (1F1B, 16 micro-batches per dp rank).
+    pp_at = next((r for r in gpu["weak"]["PP×EP"] if r["gpus"] == PUBLISHED["gpus"]), None)
+    comparison.update(pp_layout="TP1 EP8 PP4, 1F1B, 16 micro-batches",
+                      pp_model_tflops_per_gpu=pp_at["tflops_per_gpu"] if pp_at else None,
+                      pp_relative_error=(pp_at["tflops_per_gpu"] / PUBLISHED["tflops_per_gpu"] - 1) if pp_at else None)
     if at:
         print(f"GPU model vs published: Mixtral 8x7B on {PUBLISHED['gpus']} H100, EP=8: model "
               f"{at['tflops_per_gpu']:.0f} TFLOPS/GPU vs {PUBLISHED['tflops_per_gpu']:.0f} published "
-              f"({comparison['relative_error']:+.0%})")
+              f"({comparison['relative_error']:+.0%})"
+              + (f"; TP1 EP8 PP4: {pp_at['tflops_per_gpu']:.0f} ({comparison['pp_relative_error']:+.0%})"
+                 if pp_at else ""))
 
     out = Path(args.out) if args.out else RUN_DIR / ("scaling_cpu_quick" if args.quick else "scaling_cpu")
     info = machine_info()
@@ -335,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
 def plot(measured, models, gpu, comparison, path: Path, note: str, cores: int, args) -> Path:
     from moe_dist.bench.report import figure, save_figure
     fig, ax = figure(2, len(measured), width=6.0, height=4.2)
-    colors = dict(zip(LAYOUTS, ("tab:blue", "tab:orange", "tab:green")))
+    colors = dict(zip(LAYOUTS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     top = max(args.ranks)
     for col, mode in enumerate(measured):
         a = ax[0, col]
@@ -370,7 +426,9 @@ def plot(measured, models, gpu, comparison, path: Path, note: str, cores: int, a
                    label=f"{name} (model)")
         if mode == "weak" and comparison.get("model_tflops_per_gpu"):
             g.plot([comparison["gpus"]], [comparison["tflops_per_gpu"]], "*", ms=12, color="black",
-                   label=f"Megatron-core published ({comparison['relative_error']:+.0%} model error)")
+                   label=f"Megatron-core published (EP×DP {comparison['relative_error']:+.0%}"
+                         + (f", PP×EP {comparison['pp_relative_error']:+.0%}" if comparison.get("pp_relative_error")
+                            is not None else "") + " model error)")
         g.set_xscale("log", base=2)
         g.set_xlabel("H100 GPUs (model only, no GPU measurement)")
         g.set_ylabel("model TFLOPS per GPU")

@@ -225,3 +225,28 @@ def test_counted_tp_collectives_equal_the_measured_ones_on_two_ranks(tmp_path, q
             assert r["tp_bytes_by_op"][step] == {"all_reduce": tc.all_reduce_bytes,
                                                  "all_gather": tc.all_gather_bytes}
             assert r["tp_calls"][step] == tc.calls and r["tp_s"][step] > 0
+
+
+def test_pipeline_layout_points_keep_tokens_per_rank_and_the_gpu_curve_is_megatron_cores():
+    parser = argparse.ArgumentParser()
+    scaling.add_arguments(parser)
+    args = parser.parse_args(["--ranks", "1,2,4", "--batch-per-rank", "4"])
+    base = config.load(REPO / "configs" / "tiny-cpu.yaml")
+    # PP×EP at 4 ranks: pp=2, ep=2, dp=2; each dp rank's 4·2 sequences in 2·pp = 4 micro-batches of 2.
+    cfg = scaling.point_config(base, "weak", "PP×EP", 4, args)
+    dims = check_layout(cfg, 4)
+    assert (dims.pp, dims.ep, dims.dp, cfg.train.batch_size, cfg.train.grad_accum_steps) == (2, 2, 2, 2, 4)
+    ep_only = scaling.point_config(base, "weak", "EP-only", 4, args)
+    assert (cfg.train.batch_size * cfg.train.grad_accum_steps * dims.dp
+            == ep_only.train.batch_size * check_layout(ep_only, 4).dp)         # the same tokens per rank
+    assert scaling.point_config(base, "weak", "PP×EP", 1, args).parallel.pp == 1
+    # GPU: TP1 EP8 PP4 from 32 GPUs, 16 micro-batches, with its bubble and transfers in the step.
+    net, comp = ab.Network(), ab.Compute()
+    gargs = parser.parse_args([])
+    gargs.gpus = scaling._ints(gargs.gpus, "--gpus")          # what run() does with the flag
+    curves = scaling.gpu_curves(config.load(REPO / "configs" / "mixtral-8x7b.yaml"), gargs, net, comp)
+    rows = curves["weak"]["PP×EP"]
+    assert rows[0]["gpus"] == 32 and all(r["pp"] == 4 and r["ep"] == 8 and r["micro_batches"] == 16 for r in rows)
+    at64 = next(r for r in rows if r["gpus"] == 64)
+    assert at64["bubble_s"] == pytest.approx(3 / 19 * (at64["step_s"] - at64["bubble_s"]), rel=0.2)
+    assert at64["pipeline_p2p_s"] > 0 and 300 < at64["tflops_per_gpu"] < 468
