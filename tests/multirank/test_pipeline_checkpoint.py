@@ -2,11 +2,13 @@
 names (`blocks.<i>.…`, the embedding on the first stage, norm and head on the last), and a checkpoint loads into
 another pipeline split, expert and data layout, or one process.
 
-Each case trains a 4-layer model with an uninterrupted reference run that saves at step 2, then resumes other
-layouts from that checkpoint: their losses for steps 2 and 3 equal the reference's (fp32 tolerance; the global
-batch and its micro-batches are the same in every layout). The reference of the 4-rank cases keeps its
-optimizer state in FlatAdamW shards (train.shard_optimizer=states), the resumed runs in torch's AdamW, so the
-optimizer entries travel between both forms too.
+Each resharding case trains a 4-layer model in an uninterrupted reference run that saves at step 2, then resumes
+other layouts from that checkpoint: their losses for steps 2 and 3 equal the reference's (fp32 tolerance; the
+global batch and its micro-batches are the same in every layout). PP=2 on 2 ranks (tied embeddings) → one
+process; a one-process checkpoint → PP=2; PP=2 → PP=2 bit for bit with router jitter (the RNG state comes back
+in the same layout only). On 4 ranks the reference keeps its optimizer state in FlatAdamW shards
+(train.shard_optimizer=states) and the resumed runs in torch's AdamW, so the optimizer entries travel between
+both forms too: PP=2×EP=2 → PP=1×EP=4, and (slow) → PP=4, → a 1+3 layer split, → interleaved virtual stages.
 """
 from __future__ import annotations
 
@@ -26,12 +28,12 @@ N_LAYERS = 4
 
 
 def _layout(pp: int, ep: int = 1, world: int = 4, pp_layers=None, tie: bool = False, jitter_eps: float = 0.0,
-            **train) -> dict:
+            pp_virtual: int = 1, pp_schedule: str = "1f1b", **train) -> dict:
     """A 4-layer tiny model on `world` ranks: pp stages of world/pp ranks, each micro-batch G sequences."""
     dp = world // pp
     raw = tiny(1, ep, 1, batch_size=G // dp, steps=6, jitter_eps=jitter_eps)
     raw["model"].update({"n_layers": N_LAYERS, "tie_embeddings": tie})
-    raw["parallel"].update({"pp": pp, "pp_layers": pp_layers})
+    raw["parallel"].update({"pp": pp, "pp_layers": pp_layers, "pp_virtual": pp_virtual, "pp_schedule": pp_schedule})
     raw["train"].update({"grad_accum_steps": ACCUM, **train})
     return raw
 
@@ -131,18 +133,27 @@ def test_pp2_checkpoint_loads_in_one_process(tmp_path):
                                 "world=1 tp=1 ep=1 etp=1 dp=1")
 
 
-def _same_layout_resume(rank, world, raw, cdir):
-    """Router jitter on: the resumed run continues bit for bit only if each rank's RNG state came back."""
+def _same_layout_and_from_one_process(rank, world, raw, cdir, raw_pp1, cdir_pp1):
+    """(1) Router jitter on: the resumed run continues bit for bit only if each rank's RNG state came back.
+    (2) A one-process checkpoint (recorded like those of versions before pipelines) resumed on 2 stages."""
     whole = _reference(rank, world, raw, cdir)
     got, resumed, _ = _run(raw, world, cdir, "must", 4, cdir + "/out2")
-    return {"whole": whole, "got": got, "resumed": resumed}
+    from_pp1, resumed_pp1, _ = _run(raw_pp1, world, cdir_pp1, "must", 4, cdir_pp1 + "/out_pp2")
+    return {"whole": whole, "got": got, "resumed": resumed, "from_pp1": from_pp1, "resumed_pp1": resumed_pp1}
 
 
-def test_pp2_resume_in_the_same_layout_is_bit_identical(tmp_path):
-    raw = _layout(2, world=2, jitter_eps=0.1)
-    for r in run_ranks(_same_layout_resume, 2, raw, str(tmp_path / "pp2"), timeout=240):
+def test_pp2_resumes_bit_identically_and_from_a_one_process_checkpoint(tmp_path):
+    cdir_pp1 = str(tmp_path / "pp1")
+    ref_pp1, _, _ = _run(_layout(1, world=1), 1, cdir_pp1, "never", 4, cdir_pp1 + "/out", every=2)
+    (Path(cdir_pp1) / "latest").write_text("step_000002\n")
+    results = run_ranks(_same_layout_and_from_one_process, 2, _layout(2, world=2, jitter_eps=0.1),
+                        str(tmp_path / "pp2"), _layout(2, world=2), cdir_pp1, timeout=300)
+    for r in results:
         assert r["resumed"].endswith("step_000002")
         assert r["got"] == r["whole"][2:]                             # exact float equality
+        assert r["resumed_pp1"].endswith("step_000002") and [s for s, _ in r["from_pp1"]] == [2, 3]
+        for (_, got), (_, want) in zip(r["from_pp1"], ref_pp1[2:]):
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- 4 ranks
@@ -166,8 +177,11 @@ def test_pp2_ep2_checkpoint_loads_as_ep4(tmp_path):
 
 @pytest.mark.slow
 def test_pp2_ep2_checkpoint_loads_as_pp4(tmp_path):
-    """PP=2×EP=2 → PP=4 (one layer per stage), and → PP=2×EP=2 with the layers split 1 + 3."""
+    """PP=2×EP=2 → PP=4 (one layer per stage), → PP=2×EP=2 with the layers split 1 + 3, and → PP=2×EP=2 with
+    two virtual stages per rank (interleaved: rank 0 holds layers 0 and 2)."""
     _four_rank_case(tmp_path, {
         "pp4": (_layout(4), "world=4 tp=1 ep=1 etp=1 dp=1 pp=4 pp_layers=1,1,1,1"),
         "pp2_1_3": (_layout(2, ep=2, pp_layers=[1, 3]), "world=4 tp=1 ep=2 etp=1 dp=2 pp=2 pp_layers=1,3"),
+        "pp2_v2": (_layout(2, ep=2, pp_virtual=2, pp_schedule="interleaved"),
+                   "world=4 tp=1 ep=2 etp=1 dp=2 pp=2 pp_virtual=2 pp_layers=1,1,1,1"),
     })
