@@ -20,6 +20,7 @@ from moe_dist.moe.layer import MoELayer, MoEStats
 from moe_dist.parallel.tensor_parallel import (ColumnParallelLinear, ParallelMLP, RowParallelLinear, Shard,
                                                ShardedRMSNorm, global_shape, local_slice, rms_norm_over_group)
 from moe_dist.parallel.topology import Group, Topology
+from moe_dist.pipeline.stages import stage_layers, virtual_stages_of
 
 
 def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
@@ -169,7 +170,6 @@ def chunk_layers(cfg: Config, topo: Topology) -> tuple[list[int], list[range]]:
     pp = topo.dims.pp
     if pp == 1:
         return [0], [range(cfg.model.n_layers)]
-    from moe_dist.pipeline.stages import stage_layers, virtual_stages_of
     p = cfg.parallel
     stages = stage_layers(cfg.model.n_layers, pp, p.pp_virtual, p.pp_layers)
     mine = list(virtual_stages_of(topo.pp.rank, pp, p.pp_virtual))
@@ -195,9 +195,9 @@ class MoEGPT(nn.Module):
         self.topo = topo = topo or Topology.single()
         m = cfg.model
         self.chunk_stages, self.chunk_layers = chunk_layers(cfg, topo)
-        n_virtual = topo.dims.pp * (cfg.parallel.pp_virtual if topo.dims.pp > 1 else 1)
+        self.n_virtual = topo.dims.pp * len(self.chunk_layers)      # virtual stages of the whole pipeline
         self.holds_first = 0 in self.chunk_stages
-        self.holds_last = n_virtual - 1 in self.chunk_stages
+        self.holds_last = self.n_virtual - 1 in self.chunk_stages
         self.embed = (nn.Embedding(m.vocab_size, m.dim)
                       if self.holds_first or (m.tie_embeddings and self.holds_last) else None)
         self.blocks = LayerDict({str(i): Block(cfg, i, topo) for layers in self.chunk_layers for i in layers})

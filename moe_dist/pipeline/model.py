@@ -63,7 +63,7 @@ class ModelChunk:
         self.layers = model.chunk_layers[chunk]
         v = model.chunk_stages[chunk]
         self.first = v == 0
-        self.last = v == model.topo.dims.pp * len(model.chunk_layers) - 1
+        self.last = v == model.n_virtual - 1
         self.micro_batches, self.scale, self.autocast = micro_batches, scale, autocast
         self.records: dict[int, MicroRecord] = {}
         param = next(model.parameters())

@@ -105,10 +105,6 @@ class FlatAdamW:
                  weights_dtype: Optional[torch.dtype] = None):
         if shard not in ("none", "states", "states+grads"):
             raise ValueError(f"train.shard_optimizer={shard!r}: use none, states or states+grads")
-        if shard == "states+grads" and topo.dims.pp > 1:
-            # Its per-micro-batch flushes assume one backward over all the rank's parameters per micro-batch.
-            raise ValueError(f"train.shard_optimizer=states+grads with parallel.pp={topo.dims.pp}: ZeRO-2 does not "
-                             "run with pipeline parallelism; use train.shard_optimizer=states (ZeRO-1)")
         self.model, self.topo, self.t, self.mode = model, topo, t, shard
         self.sharded = shard != "none"
         self.zero2 = shard == "states+grads"
