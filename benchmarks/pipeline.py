@@ -11,6 +11,12 @@ For each layout PP=p × EP=e (default PP2×EP2 on 4 ranks) and each number of mi
   From the two values of m, T_stage(m) = a + m·s: s is one micro-batch's forward + backward on one stage, a the
   per-step rest (gradient reduction, clipping, optimizer over a stage's parameters).
 
+Each rank's CPU time per step is recorded too (gloo's receives sleep, so it is the rank's work whatever the load):
+the pipeline ranks' CPU time against the stage run's checks that a rank does one stage's work, and the stage
+run's CPU-time fit gives the step with a free core per rank, a_cpu + (m + p - 1)·s_cpu, compared with the pipeline
+run's step normalised the same way (each rank's CPU work over the share of the step it was not waiting, the
+slowest rank's), and the bubble with that rest, (p-1)·s_cpu / (a_cpu + (m + p - 1)·s_cpu). These hold on a
+loaded machine; the wall-clock figures below need an idle one.
 Predictions from those stage figures alone (none fitted to the pipeline runs):
     dedicated   a + (m + p - 1)·s, bubble (p-1)/(m+p-1): the alpha-beta model's structure (`alpha_beta.estimate`,
                 every rank its own device)
@@ -26,6 +32,7 @@ Writes pipeline_cpu.json and .png under runs/bench/ unless --out names another p
 
     python benchmarks/pipeline.py [--config configs/tiny-cpu.yaml] [--layouts 2x2] [--micro-batches 4,8]
                                   [--micro-batch 2] [--steps 8] [--warmup 2] [--repeats 3] [--out PATH]
+    python benchmarks/pipeline.py --replot RESULT.json         (the figure again from a result)
 """
 from __future__ import annotations
 
@@ -66,7 +73,17 @@ def measure(cfg: config.Config, world: int, steps: int, warmup: int) -> dict:
             "p2p_calls_per_step": statistics.mean(r["p2p_calls"][-1] for r in res),
             "p2p_bytes_per_rank_step": statistics.mean(r["p2p_bytes"][-1] for r in res),
             "a2a_s": statistics.median(statistics.mean(r["a2a_s"][i] for r in res) for i in timed),
+            "cpu_s_per_rank": {r["rank"]: statistics.median(r["cpu_s"][i] for i in timed) for r in res},
             "threads_per_rank": res[0]["threads"], "lm_loss": res[0]["lm_loss"][-1]}
+
+
+def _normalised(run: dict) -> float:
+    """The run's step at a full core per rank: each rank's CPU work over the share of the step it was not waiting
+    for its neighbour stage, C_r / (1 - wait_r / step), the slowest rank's. Assumes the load slowed a rank's
+    computing evenly within the step (the wait share is then what it would be on an idle machine)."""
+    step = run["step_s"]
+    return max(run["cpu_s_per_rank"][r] / max(1e-9, 1 - run["p2p_wait_s_per_rank"][r] / step)
+               for r in run["cpu_s_per_rank"])
 
 
 def main() -> None:
@@ -109,6 +126,12 @@ def main() -> None:
             mean_m, mean_t = statistics.mean(ms), statistics.mean(stage.values())
             s = sum((m - mean_m) * (stage[m] - mean_t) for m in ms) / sum((m - mean_m) ** 2 for m in ms)
             a = max(0.0, mean_t - s * mean_m)
+            # The same fit on CPU time (mean over the stage run's ranks): the work, whatever the load.
+            stage_cpu = {m: statistics.median(statistics.mean(r["cpu_s_per_rank"].values()) for r in stage_runs[m])
+                         for m in ms}
+            mean_c = statistics.mean(stage_cpu.values())
+            s_cpu = sum((m - mean_m) * (stage_cpu[m] - mean_c) for m in ms) / sum((m - mean_m) ** 2 for m in ms)
+            a_cpu = max(0.0, mean_c - s_cpu * mean_m)
             for m in ms:
                 cfg = _cfg(base, pp=pp, ep=ep, m=m, mb=args.micro_batch, n_layers=base.model.n_layers, out=tmp)
                 runs = pipe_runs[m]
@@ -137,8 +160,24 @@ def main() -> None:
                        "predicted_bubble_shared": statistics.mean(tl.idle_s) / shared,
                        "p2p_bytes_per_step_plan": plan.p2p.per_step,
                        "p2p_sent_bytes_per_rank_plan": list(plan.p2p.sent_per_rank),
-                       "p2p_sent_bytes_per_rank_measured": statistics.mean(r["p2p_bytes_per_rank_step"] for r in runs)}
+                       "p2p_sent_bytes_per_rank_measured": statistics.mean(r["p2p_bytes_per_rank_step"] for r in runs),
+                       # CPU time: a stage's work per step in the stage run and on each pipeline rank (they should
+                       # agree: the pipeline rank runs one stage), and the step the model predicts with a free core
+                       # per rank from the stage run's CPU-time fit.
+                       "stage_cpu_s": stage_cpu[m], "stage_cpu_micro_batch_s": s_cpu, "stage_cpu_rest_s": a_cpu,
+                       "pipeline_cpu_s_per_rank": {str(k): statistics.median(r["cpu_s_per_rank"][k] for r in runs)
+                                                   for k in runs[0]["cpu_s_per_rank"]},
+                       "predicted_step_s_free_cores": a_cpu + (m + pp - 1) * s_cpu,
+                       "predicted_bubble_free_cores": (pp - 1) * s_cpu / (a_cpu + (m + pp - 1) * s_cpu),
+                       "measured_step_s_normalised": statistics.median(_normalised(r) for r in runs)}
+                row["step_error_free_cores"] = (row["predicted_step_s_free_cores"]
+                                                / row["measured_step_s_normalised"] - 1)
                 rows.append(row)
+                print(f"PP{pp}×EP{ep} m={m}: CPU-time normalised step {row['measured_step_s_normalised']:.3f} s vs "
+                      f"{row['predicted_step_s_free_cores']:.3f} s predicted ({row['step_error_free_cores']:+.0%}); "
+                      f"bubble vs {row['predicted_bubble_free_cores']:.1%} predicted with the stage's rest; stage CPU "
+                      f"{stage_cpu[m]:.3f} s, pipeline ranks' CPU {sorted(row['pipeline_cpu_s_per_rank'].values())}",
+                      flush=True)
                 print(f"PP{pp}×EP{ep} m={m}: measured {step:.3f} s, predicted {dedicated:.3f} s with a core per rank "
                       f"({row['step_error_dedicated']:+.0%}), {shared:.3f} s sharing {cores} cores "
                       f"({row['step_error_shared']:+.0%}); bubble measured {row['measured_bubble']:.1%}, "
@@ -153,33 +192,52 @@ def main() -> None:
                "method": __doc__, "rows": rows}
     out = Path(args.out)
     write_result(out.with_suffix(".json"), payload)
-    plot(rows, out.with_suffix(".png"), f"gloo, {cores} cores, 1 thread/rank, fp32, wall clock; {machine_note(info)}")
+    plot(rows, out.with_suffix(".png"), f"gloo, {cores} cores, 1 thread/rank, fp32, wall clock and CPU time; "
+         f"{machine_note(info)}")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 def plot(rows: list[dict], path: Path, note: str) -> Path:
-    fig, ax = figure(1, 2, width=6.0, height=4.0)
+    fig, ax = figure(1, 2, width=6.5, height=4.2)
     labels = [f"PP{r['pp']}×EP{r['ep']}\nm={r['micro_batches']}" for r in rows]
-    xs = range(len(rows))
-    w = 0.27
-    a = ax[0, 0]
-    a.bar([x - w for x in xs], [r["measured_step_s"] for r in rows], w, label="measured")
-    a.bar(list(xs), [r["predicted_step_s_dedicated"] for r in rows], w, label="model: a core per rank")
-    a.bar([x + w for x in xs], [r["predicted_step_s_shared"] for r in rows], w, label="model: ranks share the cores")
-    a.set_xticks(list(xs), labels)
-    a.set_ylabel("step time (s)")
-    a.set_title("1F1B step time", fontsize=9)
-    a.legend(fontsize=7)
-    b = ax[0, 1]
-    b.bar([x - w for x in xs], [r["measured_bubble"] for r in rows], w, label="measured (wait in P2P / step)")
-    b.bar(list(xs), [r["predicted_bubble_formula"] for r in rows], w, label="(p-1)/(m+p-1)")
-    b.bar([x + w for x in xs], [r["predicted_bubble_shared"] for r in rows], w, label="shared-core timeline")
-    b.set_xticks(list(xs), labels)
-    b.set_ylabel("bubble share of the step")
-    b.set_title("pipeline bubble", fontsize=9)
-    b.legend(fontsize=7)
+    xs = list(range(len(rows)))
+
+    def bars(a, series, title, ylabel):
+        w = 0.8 / len(series)
+        for i, (label, key) in enumerate(series):
+            a.bar([x - 0.4 + w * (i + 0.5) for x in xs], [r.get(key) or 0 for r in rows], w, label=label)
+        a.set_xticks(xs, labels)
+        a.set_ylabel(ylabel)
+        a.set_title(title, fontsize=9)
+        a.legend(fontsize=7)
+
+    bars(ax[0, 0], [("measured, CPU-time normalised", "measured_step_s_normalised"),
+                    ("model, free core per rank (stage CPU fit)", "predicted_step_s_free_cores"),
+                    ("measured, wall clock", "measured_step_s"),
+                    ("model, a core per rank (stage wall fit)", "predicted_step_s_dedicated"),
+                    ("model, ranks share the cores (wall)", "predicted_step_s_shared")],
+         "1F1B step time", "step time (s)")
+    bars(ax[0, 1], [("measured: wait in P2P / step", "measured_bubble"),
+                     ("(p-1)/(m+p-1)", "predicted_bubble_formula"),
+                     ("model with the step's rest (CPU fit)", "predicted_bubble_free_cores"),
+                     ("shared-core timeline", "predicted_bubble_shared")],
+         "pipeline bubble", "share of the step")
     return save_figure(fig, path, note)
 
 
+def replot(json_path: str) -> None:
+    """Draw the figure again from a result JSON (next to it, .png)."""
+    import json
+    data = json.loads(Path(json_path).read_text())
+    m = data["machine"]
+    note = (f"gloo, {data['cores']} cores, {data['threads_per_rank']} thread/rank, fp32, wall clock and CPU time; "
+            f"{machine_note(m)}")
+    print(plot(data["rows"], Path(json_path).with_suffix(".png"), note))
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":
+        replot(sys.argv[2])
+    else:
+        main()

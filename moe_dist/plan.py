@@ -46,7 +46,7 @@ from typing import Any
 from moe_dist.config import Config, MoEConfig, ModelConfig
 from moe_dist.models.gpt import is_moe_layer
 from moe_dist.moe.capacity import expert_capacity
-from moe_dist.parallel.layout import bubble_fraction, check_layout
+from moe_dist.parallel.layout import bubble_fraction, check_layout, layout_warnings
 from moe_dist.parallel.topology import ALL_GROUP_NAMES, ParallelDims
 from moe_dist.pipeline.schedules import build_schedule
 from moe_dist.pipeline.stages import stage_layers, virtual_stages_of
@@ -588,7 +588,7 @@ def make_plan(cfg: Config, world: int) -> Plan:
                  "batch_size": t.batch_size, "seq_len": t.seq_len, "grad_accum_steps": t.grad_accum_steps},
                 per_stage, h, p2p_per_step(cfg, dims),
                 {"pp": dims.pp, "virtual": v, "schedule": sched, "micro_batches": t.grad_accum_steps,
-                 "bubble_fraction": schedule_bubble(cfg, dims)})
+                 "bubble_fraction": schedule_bubble(cfg, dims), "warnings": layout_warnings(cfg, dims)})
 
 
 def _num(x: float) -> int | float:
@@ -680,6 +680,7 @@ def format_pipeline(plan: Plan) -> list[str]:
                                                        (m.weights, m.grads, m.optimizer, m.activations, m.total))
                    + mark)
     out.append("  (GiB per rank; * the heaviest stage, which decides whether the layout fits)")
+    out += [f"warning: {w}" for w in pl.get("warnings", [])]
     mb, s_, dim = p2p.activation_shape
     out.append(f"P2P per step: {p2p.boundaries} stage boundaries × {p2p.micro_batches} micro-batches × "
                f"(activation [{mb}, {s_}, {dim}] forward + its gradient backward) × {_gib(p2p.transfer_bytes)} = "

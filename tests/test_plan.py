@@ -12,7 +12,7 @@ import torch
 from moe_dist import cli, config
 from moe_dist.models.gpt import MoEGPT, is_moe_layer
 from moe_dist.parallel.topology import ParallelDims, Topology
-from moe_dist.plan import alltoall_rows_per_layer, make_plan, param_counts, to_json
+from moe_dist.plan import alltoall_rows_per_layer, format_plan, make_plan, param_counts, to_json
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -360,9 +360,12 @@ def test_pipeline_activations_by_hand_tiny() -> None:
     assert [sp.in_flight for sp in plan.stages] == [(2,), (1,)]
     assert acts == [2 * 2 * LAYER, 2 * LAYER + HEAD]
     assert plan.heaviest == 0 and plan.memory == plan.stages[0].memory
-    # Fewer micro-batches than stages: at most m in flight.
+    # Fewer micro-batches than stages: at most m in flight, and the layout check's warning in the plan.
     _, one = _pp(2, 2, "--train.grad_accum_steps=1")
     assert [sp.in_flight for sp in one.stages] == [(1,), (1,)]
+    assert len(one.pipeline["warnings"]) == 1 and "train.grad_accum_steps=1 is below parallel.pp=2" in \
+        one.pipeline["warnings"][0]
+    assert "warning: train.grad_accum_steps=1 is below parallel.pp=2" in format_plan(one)
     # GPipe: every stage keeps all 4 (the last with 4 heads).
     _, gp = _pp(2, 2, "--train.grad_accum_steps=4", "--parallel.pp_schedule=gpipe")
     assert [sp.memory.activations for sp in gp.stages] == [4 * 2 * LAYER, 4 * (2 * LAYER + HEAD)]
@@ -416,7 +419,7 @@ def test_cli_text_and_json_with_stages(capsys) -> None:
     assert [(s["embedding"], s["head"], s["in_flight"]) for s in pl["stages"]] == [(True, False, [2]),
                                                                                   (False, True, [1])]
     assert pl["stages"][0]["memory_bytes"] == j["memory_bytes"]
-    assert pl["p2p"]["bytes_per_step"] == 2 * 4 * 8 * 128 * 128 * 4
+    assert pl["p2p"]["bytes_per_step"] == 2 * 4 * 8 * 128 * 128 * 4 and pl["warnings"] == []
     assert j["ranks"][3]["pp"] == 1 and j["layout"]["pp"] == 2
     # All-to-alls: a stage's 2 MoE layers, every micro-batch (ep = 2 sends half of 2048 rows of 512 B).
     assert (j["alltoall"]["moe_layers"], j["alltoall"]["micro_batches"]) == (2, 4)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from typing import Any, Callable
 
 from moe_dist.parallel.spawn import RanksFailed, free_port, run_ranks  # noqa: F401  (the benchmarks' entry points)
@@ -48,6 +49,9 @@ def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
                        gradients between stages): batches, bytes this rank sent, seconds inside them (a receive
                        blocks until the neighbour stage has produced the tensor: the rank's wait for the pipeline)
     pp_rank            this rank's pipeline stage (0 without stages)
+    cpu_s              per step, this process's CPU time (time.process_time: every thread of it). gloo's
+                       blocking receives sleep rather than spin, so this is the rank's work, whatever the
+                       machine's load does to the wall time
     kept_L, dropped_L  per MoE layer, assignments this rank kept / dropped, summed over steps: capacity is
                        applied to each rank's own tokens (a GShard group), so this is the per-rank drop count
     rss_before, peak_rss   bytes, before the first step and the process peak at the end (ru_maxrss)
@@ -79,13 +83,16 @@ def train_and_measure(rank: int, world: int, cfg, steps: int, warmup: int = 2,
     step_calls: list[CollectiveCall] = []          # this step's collectives, in the order they were issued
     out: dict[str, Any] = {"step_s": [], "lm_loss": [], "drop_fraction": [], "a2a_rows_out": [], "a2a_s": [],
                            "a2a_calls": [], "a2a_bytes": [], "tp_calls": [], "tp_bytes": [], "tp_s": [],
-                           "tp_calls_by_op": [], "tp_bytes_by_op": [], "p2p_calls": [], "p2p_bytes": [], "p2p_s": []}
+                           "tp_calls_by_op": [], "tp_bytes_by_op": [], "p2p_calls": [], "p2p_bytes": [], "p2p_s": [],
+                           "cpu_s": []}
     try:
         rss_before = rss_bytes()
         with observe_collectives(step_calls.append):
             for step in range(steps):
                 step_calls.clear()
+                cpu = time.process_time()
                 r = trainer.train_step(step)
+                out["cpu_s"].append(time.process_time() - cpu)
                 a2a = [c for c in step_calls if c.op == "all_to_all"]
                 tp = [c for c in step_calls if on_group(c, topo.tp)]
                 p2p = [c for c in step_calls if c.op == "send_recv"]

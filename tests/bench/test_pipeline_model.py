@@ -45,3 +45,16 @@ def test_transfers_and_uneven_stages():
     assert t.makespan_s == pytest.approx(1.0 + 4 * 6.0 + 2.0)
     with pytest.raises(ValueError, match="one value per virtual stage"):
         simulate("1f1b", 2, 1, 4, [1.0], 2.0)
+
+
+def test_benchmark_normalises_a_run_by_cpu_work_and_wait_share():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "pipeline.py"
+    spec = importlib.util.spec_from_file_location("bench_script_pipeline", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # Rank 0 worked 0.3 s of CPU and waited 0.2 of a 1.0 s step: at a full core its step is 0.3 / 0.8; rank 1
+    # (0.5 s of work, 0.1 s waiting) sets the step: 0.5 / 0.9.
+    run = {"step_s": 1.0, "cpu_s_per_rank": {0: 0.3, 1: 0.5}, "p2p_wait_s_per_rank": {0: 0.2, 1: 0.1}}
+    assert bench._normalised(run) == pytest.approx(0.5 / 0.9)
