@@ -76,7 +76,7 @@ def _resume_into(rank, world, raws: dict, cdir, root):
     return out
 
 
-def _check(ref, results, name, said_layout):
+def _check(ref, results, name, said_layout=None):
     """The resumed layout's steps 2-3 equal the reference's; every rank logs the same global loss."""
     r = results[0][name]
     assert r["resumed"].endswith("step_000002"), r["resumed"]
@@ -85,8 +85,9 @@ def _check(ref, results, name, said_layout):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6), name
     for other in results[1:]:
         assert other[name]["got"] == r["got"], name
-    resumed = [line for line in r["said"] if line.startswith("resumed from")]
-    assert resumed and said_layout in resumed[0], r["said"]
+    if said_layout is not None:
+        resumed = [line for line in r["said"] if line.startswith("resumed from")]
+        assert resumed and said_layout in resumed[0], r["said"]
 
 
 def _entries(path: Path) -> dict[str, list]:
@@ -118,56 +119,55 @@ def _check_stage_files(path: Path, stage_of_rank: dict[int, int], tied: bool = F
     assert layers == set(range(N_LAYERS))
 
 
-# ------------------------------------------------------------------------------------------- 2 ranks → 1
+# ------------------------------------------------------------------------------------------- 2 ranks ↔ 1
 
-def test_pp2_checkpoint_loads_in_one_process(tmp_path):
-    """PP=2 on 2 ranks (torch AdamW) → one process (FlatAdamW, fp32): steps 2-3 match the uninterrupted run.
-    Tied embeddings: both stages hold the shared weight, one entry comes back."""
-    cdir = str(tmp_path / "pp2")
-    ref = run_ranks(_reference, 2, _layout(2, world=2, tie=True), cdir, timeout=240)[0]
-    _check_stage_files(Path(cdir) / "step_000002", {0: 0, 1: 1}, tied=True)
-    got, resumed, said = _run(_layout(1, world=1, tie=True, shard_optimizer="states"), 1, cdir, "must", 4,
-                              str(tmp_path / "pp1"))
-    results = [{"pp1": {"got": got, "resumed": resumed, "said": said}}]
-    _check(ref, results, "pp1", "saved with world=2 tp=1 ep=1 etp=1 dp=1 pp=2 pp_layers=2,2, resharded to "
-                                "world=1 tp=1 ep=1 etp=1 dp=1")
+def _two_rank_cases(rank, world, tied, cdir_tied, jitter, cdir_jitter, pp2, cdir_pp1):
+    """One spawn for three cases: (1) the tied reference the parent then loads in one process; (2) router jitter
+    on: a resume in the same layout continues bit for bit only if each rank's RNG state came back; (3) the
+    parent's one-process checkpoint (recorded like those of versions before pipelines) resumed on 2 stages."""
+    out = {"tied_ref": _reference(rank, world, tied, cdir_tied), "whole": _reference(rank, world, jitter, cdir_jitter)}
+    out["same"], out["same_from"], _ = _run(jitter, world, cdir_jitter, "must", 4, cdir_jitter + "/out2")
+    out["from_pp1"], out["from_pp1_from"], _ = _run(pp2, world, cdir_pp1, "must", 4, cdir_pp1 + "/out_pp2")
+    return out
 
 
-def _same_layout_and_from_one_process(rank, world, raw, cdir, raw_pp1, cdir_pp1):
-    """(1) Router jitter on: the resumed run continues bit for bit only if each rank's RNG state came back.
-    (2) A one-process checkpoint (recorded like those of versions before pipelines) resumed on 2 stages."""
-    whole = _reference(rank, world, raw, cdir)
-    got, resumed, _ = _run(raw, world, cdir, "must", 4, cdir + "/out2")
-    from_pp1, resumed_pp1, _ = _run(raw_pp1, world, cdir_pp1, "must", 4, cdir_pp1 + "/out_pp2")
-    return {"whole": whole, "got": got, "resumed": resumed, "from_pp1": from_pp1, "resumed_pp1": resumed_pp1}
-
-
-def test_pp2_resumes_bit_identically_and_from_a_one_process_checkpoint(tmp_path):
-    cdir_pp1 = str(tmp_path / "pp1")
+def test_pp2_checkpoints_resume_exactly_and_reshard_to_and_from_one_process(tmp_path):
+    """PP=2 on 2 ranks (tied embeddings, torch AdamW) → one process (FlatAdamW): steps 2-3 match the
+    uninterrupted run, the shared weight coming back from one entry. One process → PP=2: the same. PP=2 → PP=2
+    with router jitter: bit for bit."""
+    cdir_pp1, cdir_tied = str(tmp_path / "pp1"), str(tmp_path / "pp2_tied")
     ref_pp1, _, _ = _run(_layout(1, world=1), 1, cdir_pp1, "never", 4, cdir_pp1 + "/out", every=2)
     (Path(cdir_pp1) / "latest").write_text("step_000002\n")
-    results = run_ranks(_same_layout_and_from_one_process, 2, _layout(2, world=2, jitter_eps=0.1),
-                        str(tmp_path / "pp2"), _layout(2, world=2), cdir_pp1, timeout=300)
+    results = run_ranks(_two_rank_cases, 2, _layout(2, world=2, tie=True), cdir_tied,
+                        _layout(2, world=2, jitter_eps=0.1), str(tmp_path / "pp2_jitter"), _layout(2, world=2),
+                        cdir_pp1, timeout=400)
     for r in results:
-        assert r["resumed"].endswith("step_000002")
-        assert r["got"] == r["whole"][2:]                             # exact float equality
-        assert r["resumed_pp1"].endswith("step_000002") and [s for s, _ in r["from_pp1"]] == [2, 3]
-        for (_, got), (_, want) in zip(r["from_pp1"], ref_pp1[2:]):
-            assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert r["same_from"].endswith("step_000002") and r["same"] == r["whole"][2:]     # exact float equality
+        _check(ref_pp1, [{"pp2": {"got": r["from_pp1"], "resumed": r["from_pp1_from"], "said": None}}], "pp2")
+    _check_stage_files(Path(cdir_tied) / "step_000002", {0: 0, 1: 1}, tied=True)
+    got, resumed, said = _run(_layout(1, world=1, tie=True, shard_optimizer="states"), 1, cdir_tied, "must", 4,
+                              str(tmp_path / "pp1_from_tied"))
+    _check(results[0]["tied_ref"], [{"pp1": {"got": got, "resumed": resumed, "said": said}}], "pp1",
+           "saved with world=2 tp=1 ep=1 etp=1 dp=1 pp=2 pp_layers=2,2, resharded to world=1 tp=1 ep=1 etp=1 dp=1")
 
 
 # ------------------------------------------------------------------------------------------- 4 ranks
 
+def _reference_then_resume(rank, world, raw, cdir, raws, root):
+    return {"ref": _reference(rank, world, raw, cdir), **_resume_into(rank, world, raws, cdir, root)}
+
+
 def _four_rank_case(tmp_path, targets: dict):
+    """One spawn: the PP=2×EP=2 reference (ZeRO-1 FlatAdamW), then each target layout resumed from its step 2."""
     cdir = str(tmp_path / "pp2ep2")
-    ref = run_ranks(_reference, 4, _layout(2, ep=2, shard_optimizer="states"), cdir, timeout=300)[0]
+    raws = {name: raw for name, (raw, _) in targets.items()}
+    results = run_ranks(_reference_then_resume, 4, _layout(2, ep=2, shard_optimizer="states"), cdir, raws,
+                        str(tmp_path), timeout=400)
     # Ranks 0-1 are stage 0 (dp=2, ep=2), ranks 2-3 stage 1.
     _check_stage_files(Path(cdir) / "step_000002", {0: 0, 1: 0, 2: 1, 3: 1})
-    raws = {name: raw for name, (raw, _) in targets.items()}
-    results = run_ranks(_resume_into, 4, raws, cdir, str(tmp_path), timeout=300)
     for name, (_, layout) in targets.items():
-        _check(ref, results, name, "saved with world=4 tp=1 ep=2 etp=1 dp=2 pp=2 pp_layers=2,2, resharded to "
-                                   + layout)
+        _check(results[0]["ref"], results, name, "saved with world=4 tp=1 ep=2 etp=1 dp=2 pp=2 pp_layers=2,2, "
+                                                 "resharded to " + layout)
 
 
 def test_pp2_ep2_checkpoint_loads_as_ep4(tmp_path):
