@@ -71,9 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="capacity: cf as below, ours vs DeepSpeed at the same cf; dropless: vs drop_tokens=False")
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--min-capacity", type=int, default=4)
-    p.add_argument("--backends", nargs="+", choices=("grouped_mm", "loop", "triton"),
+    p.add_argument("--backends", nargs="+", choices=("grouped_mm", "loop", "triton", "auto"),
                    default=["grouped_mm", "loop", "triton"],
-                   help="our expert backends (triton only where it runs compiled, i.e. on a GPU)")
+                   help="our expert backends (triton only where it runs compiled, i.e. on a GPU; auto: what "
+                        "moe.backend=auto runs, on a GPU torch._grouped_mm's GEMMs with the Triton row kernels)")
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed-MoE")
     p.add_argument("--deepspeed-einsum", action="store_true",
                    help="also time DeepSpeed-MoE's GShard einsum dispatch (its MOELayer up to v0.18, on its own "

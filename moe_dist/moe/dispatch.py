@@ -41,8 +41,8 @@ class Dispatcher(Protocol):
 
 
 def row_ops(backend: str):
-    """(permute, unpermute): the Triton kernels when the experts run on Triton, else the torch references.
-    Imported lazily: the kernel module reads TRITON_INTERPRET when it is first imported."""
+    """(permute, unpermute): the Triton kernels for "triton" (`moe.experts.rows_backend` picks it for
+    moe.backend=triton, and for auto on a CUDA GPU), else the torch references. Imported lazily: the kernel module reads TRITON_INTERPRET when it is first imported."""
     if backend == "triton":
         from moe_dist.kernels import ops
         return ops.permute, ops.unpermute

@@ -71,6 +71,20 @@ def resolve_backend(name: str, dim: int, hidden: int, dtype: torch.dtype = torch
     return name
 
 
+def rows_backend(requested: str) -> str:
+    """Who moves the rows (permute/unpermute): "triton" or "torch". `moe.backend=triton` runs everything on
+    Triton; `auto` takes the Triton row kernels whenever they run compiled on a visible CUDA GPU, beside
+    torch._grouped_mm's GEMMs. Measured on one H200 (benchmarks/results/gpu_check.json): the Triton row kernels
+    move 96-106% of a device copy's bandwidth, while the torch references (index gather + scatter-add) made the
+    grouped_mm training run 20% slower than the Triton one although its GEMMs were 1.4x faster."""
+    if requested == "triton":
+        return "triton"
+    if requested != "auto" or not torch.cuda.is_available():
+        return "torch"
+    from moe_dist.kernels._configs import HAS_TRITON, interpreting
+    return "triton" if HAS_TRITON and not interpreting() else "torch"
+
+
 def _select_gemm(backend: str):
     if backend == "triton":
         # Imported here: the kernel module decides compiled vs interpreted when it is first imported.

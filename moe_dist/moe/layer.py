@@ -18,7 +18,7 @@ from moe_dist.moe import losses
 from moe_dist.moe.capacity import CapacityResult, apply_capacity, expert_capacity
 from moe_dist.moe.dispatch import (AllToAllDispatcher, AllToAllMeta, DispatchMeta, Dispatcher, LocalDispatcher,
                                   keep_connected)
-from moe_dist.moe.experts import GroupedExperts, resolve_backend
+from moe_dist.moe.experts import GroupedExperts, resolve_backend, rows_backend
 from moe_dist.moe.router import Router
 from moe_dist.parallel.comm import all_reduce_, gather_rows, split_rows
 from moe_dist.parallel.tensor_parallel import ParallelMLP, Shard
@@ -72,13 +72,14 @@ class MoELayer(nn.Module):
         self.topo = topo = topo or Topology.single()
         self.router = Router(cfg, dim)
         hidden = cfg.expert_hidden // topo.etp.size      # etp divides it: judged by check_layout
-        # The experts' backend also picks the permute/unpermute implementation (Triton or torch).
         backend = resolve_backend(cfg.backend, dim, hidden)
+        # The rows move on Triton with backend=triton, and with backend=auto on a CUDA GPU (rows_backend says why).
+        rows = rows_backend(cfg.backend)
         if dispatcher is None:
             if topo.ep.size * topo.etp.size > 1:
-                dispatcher = AllToAllDispatcher(cfg.num_experts, topo.ep, topo.etp, backend)
+                dispatcher = AllToAllDispatcher(cfg.num_experts, topo.ep, topo.etp, rows)
             else:
-                dispatcher = LocalDispatcher(cfg.num_experts, pad_to_capacity=cfg.pad_to_capacity, backend=backend)
+                dispatcher = LocalDispatcher(cfg.num_experts, pad_to_capacity=cfg.pad_to_capacity, backend=rows)
         self.dispatcher = dispatcher
         # recompute_activation (train.recompute=moe_act): the experts keep their first GEMM's output and
         # recompute the activation in backward instead of keeping its output.

@@ -100,12 +100,13 @@ def test_a_part_gets_at_most_the_budget_left_and_none_starts_without_enough(tmp_
 
 def test_parts_and_limits_options():
     gc = load_gpu_check()
-    assert gc._parse_parts("kernels,speed,layer,train") == list(gc.PART_ORDER)
-    assert gc._parse_parts("train,kernels") == ["peak", "kernels", "train:triton", "train:grouped_mm"]
+    assert gc._parse_parts("kernels,speed,layer,train,profile") == list(gc.PART_ORDER)
+    assert gc._parse_parts("train,kernels") == ["peak", "kernels", "train:triton", "train:grouped_mm", "train:auto"]
     assert gc._parse_parts("layer") == ["layer"]
     with pytest.raises(SystemExit, match="--parts 'gemm'"):
         gc._parse_parts("gemm")
-    assert gc._parse_limits(["train=40", "kernels=90"]) == {"train:triton": 40, "train:grouped_mm": 40, "kernels": 90}
+    assert gc._parse_limits(["train=40", "kernels=90"]) == {"train:triton": 40, "train:grouped_mm": 40,
+                                                            "train:auto": 40, "kernels": 90}
     with pytest.raises(SystemExit, match="PART=SECONDS"):
         gc._parse_limits(["kernels=0"])
 

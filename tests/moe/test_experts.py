@@ -82,3 +82,20 @@ def test_backend_matches_loop(case: str, backend: str) -> None:
     for name in g1:
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-5, msg=f"grad {name} ({case})")
     assert g1["experts.w_in_EDF2"].abs().sum() > 0  # gradients actually flow
+
+
+def test_rows_backend_auto_takes_triton_rows_only_on_a_compiled_gpu(monkeypatch):
+    """moe.backend=auto moves the rows with the Triton kernels where they run compiled (a CUDA GPU) and with the
+    torch references elsewhere; triton always uses them, grouped_mm and loop never."""
+    from moe_dist.kernels import _configs
+    from moe_dist.moe.experts import rows_backend
+    assert rows_backend("triton") == "triton"
+    for name in ("grouped_mm", "loop"):
+        assert rows_backend(name) == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rows_backend("auto") == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_configs, "interpreting", lambda: False)
+    assert rows_backend("auto") == ("triton" if _configs.HAS_TRITON else "torch")
+    monkeypatch.setattr(_configs, "interpreting", lambda: True)      # interpreter: correctness only, never auto
+    assert rows_backend("auto") == "torch"
