@@ -139,7 +139,7 @@ class ModelOutput:
                                          # parallelism a zero off the last stage
     aux_loss: torch.Tensor               # Σ over this rank's MoE layers of load-balancing + z losses (scaled)
     stats: list[MoEStats]                # one per MoE layer this rank ran, in layer order
-    moe_layer_ids: tuple[int, ...] = ()  # the global layer index of each entry of `stats`
+    moe_layer_ids: tuple[int, ...]       # the global layer index of each entry of `stats`
 
     @property
     def loss(self) -> torch.Tensor:

@@ -144,11 +144,6 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- one step
 
-    def _global_losses(self, out: ModelOutput) -> tuple[float, float]:
-        """(LM loss, aux loss incl. z loss) of the global batch (the DeepSpeed engine uses this too)."""
-        lm, aux, z = self._global_loss_terms([out])
-        return lm, aux + z
-
     def _global_loss_terms(self, outs: list[ModelOutput]) -> tuple[float, float, float]:
         """(LM, load-balancing, z) losses of the global batch, averaged over the micro-batches: LM is replicated
         over tp and averaged over dp; each rank's aux and z losses are its share of its group's loss, so the

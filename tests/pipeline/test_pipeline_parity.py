@@ -26,7 +26,7 @@ from trainer_helpers import fresh_out_dir
 STEPS, ACCUM, G = 5, 4, 4          # optimizer steps, micro-batches per step, sequences per micro-batch
 
 
-def raw_config(tp=1, ep=1, pp=1, schedule="1f1b", virtual=1, tie=True, bias=False, **train) -> dict:
+def raw_config(tp=1, ep=1, pp=1, schedule="1f1b", virtual=1, tie=True, bias=False, layers=None, **train) -> dict:
     """4 layers (layer 0 dense, 1–3 MoE), a shared expert, tied embeddings (their gradient summed over the first
     and last stage), aux and z losses balanced over the global batch, dropless routing."""
     return {
@@ -34,7 +34,7 @@ def raw_config(tp=1, ep=1, pp=1, schedule="1f1b", virtual=1, tie=True, bias=Fals
                   "tie_embeddings": tie},
         "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 16, "aux_loss_coef": 0.01, "z_loss_coef": 0.001,
                 "balance_over": "global_batch", "num_shared_experts": 1, "expert_bias": bias},
-        "parallel": {"tp": tp, "ep": ep, "pp": pp, "pp_schedule": schedule, "pp_virtual": virtual},
+        "parallel": {"tp": tp, "ep": ep, "pp": pp, "pp_schedule": schedule, "pp_virtual": virtual, "pp_layers": layers},
         "train": {"batch_size": 1, "seq_len": 8, "lr": 1e-2, "warmup_steps": 0, "steps": STEPS, "grad_clip": 0.05,
                   "grad_accum_steps": ACCUM, "weight_decay": 0.1, "tensorboard": False, **train},
         "checkpoint": {"resume": "never"},
@@ -50,6 +50,10 @@ CASES = {
     "pp2_interleaved": (2, raw_config(pp=2, schedule="interleaved", virtual=2)),
     "pp2_gpipe": (2, raw_config(pp=2, schedule="gpipe")),
     "pp2_ep2_zero1": (4, raw_config(ep=2, pp=2, bias=True, shard_optimizer="states")),
+    # slow: four stages; interleaved with experts split; an uneven split with blocks recomputed in backward
+    "pp4": (4, raw_config(pp=4)),
+    "pp2_ep2_interleaved": (4, raw_config(ep=2, pp=2, schedule="interleaved", virtual=2, bias=True)),
+    "pp2_dp2_uneven_recompute": (4, raw_config(pp=2, layers=[1, 3], recompute="block", tie=False)),
 }
 
 
@@ -128,5 +132,13 @@ def test_pp2_on_four_ranks_matches_one_process(spawn):
     """PP2×EP2 (also with ZeRO-1 optimizer states, in the same spawn), PP2×DP2 (untied embeddings), PP2×TP2."""
     names = FOUR[spawn]
     results = run_ranks(_worker, 4, {n: CASES[n][1] for n in names}, timeout=400)
+    for name in names:
+        check(name, 4, results)
+
+
+@pytest.mark.slow
+def test_larger_pipelines_match_one_process():
+    names = ("pp4", "pp2_ep2_interleaved", "pp2_dp2_uneven_recompute")
+    results = run_ranks(_worker, 4, {n: CASES[n][1] for n in names}, timeout=900)
     for name in names:
         check(name, 4, results)
