@@ -8,6 +8,7 @@ with the reference's slice for that rank; together the ranks hold every paramete
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -85,10 +86,23 @@ def _worker(rank, world, cases):
     return out
 
 
+@contextlib.contextmanager
+def one_thread():
+    """The reference runs in the test process with one intra-op thread, like each rank: on a busy 2-core machine
+    torch's second thread makes these tiny ops tens of times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def reference(raw: dict) -> dict:
     ref = copy.deepcopy(raw)
     ref["parallel"] = {}
-    return train(_cfg(ref, G), Topology.single())
+    with one_thread():
+        return train(_cfg(ref, G), Topology.single())
 
 
 def check(name: str, world: int, results: list[dict]) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from checkpoint_helpers import corpus  # noqa: F401  (a fixture)
 from distributed import run_ranks
+from test_pipeline_parity import one_thread
 from moe_dist import config
 from moe_dist.parallel.layout import check_layout
 from moe_dist.parallel.topology import Topology
@@ -93,7 +94,8 @@ def runs(corpus, tmp_path_factory):  # noqa: F811  (corpus: the fixture)
     root = tmp_path_factory.mktemp("pipeline_training")
     raw = raw_config(str(corpus), str(root / "pp2"), pp=2)
     results = run_ranks(_worker, 2, raw, timeout=400)
-    ref = history(_trainer(raw_config(str(corpus), str(root / "one")), 1))
+    with one_thread():
+        ref = history(_trainer(raw_config(str(corpus), str(root / "one")), 1))
     return root, results, ref
 
 
