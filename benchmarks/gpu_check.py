@@ -43,7 +43,7 @@ rewritten after every part so that a kill mid-run still leaves the parts done; P
 every part ran and no target failed, 1 when a target failed, 2 when a part errored, ran over its limit or was
 skipped for want of budget.
 
-    python benchmarks/gpu_check.py [--parts kernels,speed,layer,train,profile] [--budget-s 450] [--limit kernels=200]
+    python benchmarks/gpu_check.py [--parts kernels,speed,layer,train,profile] [--budget-s 470] [--limit kernels=200]
                                    [--steps 50] [--rehearsal] [--out PATH]
 """
 from __future__ import annotations
@@ -83,11 +83,14 @@ PART_GROUPS = {"peak": ["peak"], "kernels": ["kernels"], "speed": ["speed"], "la
 # Rehearsal: about 45 CPU seconds in all; the limits leave room for a machine loaded by other jobs.
 # First H200 run: peak 6 s, kernels over 150 s (fp32 autotuning at the Mixtral shape alone took 61 s: fp32
 # now runs smaller T), speed 51 s, train 25 + 16 s, layer 53 s (two backends).
+# Second run: kernels over 200 s (fp32 autotuning 74 s at one shape: configs that cannot fit shared memory are
+# now pruned before compiling, not yet timed on a GPU), train:auto 24 s, profile 22 s, layer 80 s (cut by the
+# budget after both cases, three backends).
 LIMITS_GPU = {"peak": 45, "kernels": 200, "speed": 90, "train:triton": 75, "train:grouped_mm": 60,
-              "train:auto": 60, "profile": 60, "layer": 100}
+              "train:auto": 60, "profile": 60, "layer": 120}
 LIMITS_REHEARSAL = {"peak": 40, "kernels": 90, "speed": 60, "train:triton": 60, "train:grouped_mm": 60,
                     "train:auto": 60, "profile": 60, "layer": 60}
-BUDGET_S = {"gpu": 450, "rehearsal": 360}
+BUDGET_S = {"gpu": 470, "rehearsal": 360}
 MIN_START_S = 10                         # a part is not started with less budget than this left
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -756,8 +759,7 @@ def part_profile(ctx: dict, save) -> dict:
     cfg, _ = _train_config(ctx, "auto", warm + n, "profile")
     trainer = Trainer(cfg)
     cuda = ctx["device"] == "cuda"
-    for step in range(warm):
-        trainer.train_step(step)
+    warm_s = [trainer.train_step(step).seconds for step in range(warm)]
     if cuda:
         torch.cuda.synchronize()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -768,8 +770,11 @@ def part_profile(ctx: dict, save) -> dict:
         if cuda:
             torch.cuda.synchronize()
     wall_us = (time.perf_counter() - t0) * 1e6
+    # The profiler's own bookkeeping slows the host (the first H200 run: 217 ms per profiled step against 72-84
+    # unprofiled), so device time is also set against the last unprofiled warm-up steps.
+    plain_ms = statistics.median(warm_s[-2:]) * 1e3
     res: dict[str, Any] = {"backend": "auto", "steps_profiled": n, "after_warmup_steps": warm,
-                           "wall_ms_per_step": wall_us / n / 1e3}
+                           "wall_ms_per_step": wall_us / n / 1e3, "unprofiled_ms_per_step": plain_ms}
     if cuda:
         per_kernel: dict[str, list[float]] = {}
         for e in prof.events():
@@ -784,12 +789,14 @@ def part_profile(ctx: dict, save) -> dict:
             cats[cat] = cats.get(cat, 0.0) + us
         top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]
         res.update(device_busy_ms_per_step=busy / n / 1e3, device_busy_fraction=busy / wall_us,
+                   device_busy_fraction_of_unprofiled_step=busy / n / 1e3 / plain_ms,
                    kernels_per_step=sum(v[1] for v in per_kernel.values()) / n,
                    category_ms_per_step={c: us / n / 1e3 for c, us in sorted(cats.items(), key=lambda kv: -kv[1])},
                    top_kernels=[{"name": k[:160], "ms_per_step": v[0] / n / 1e3, "calls_per_step": v[1] / n}
                                 for k, v in top])
-        print(f"step {res['wall_ms_per_step']:.1f} ms wall, GPU busy {res['device_busy_ms_per_step']:.1f} ms "
-              f"({res['device_busy_fraction']:.0%}), {res['kernels_per_step']:.0f} kernels/step")
+        print(f"step {res['wall_ms_per_step']:.1f} ms wall profiled ({plain_ms:.1f} ms unprofiled), GPU busy "
+              f"{res['device_busy_ms_per_step']:.1f} ms ({res['device_busy_fraction_of_unprofiled_step']:.0%} of "
+              f"the unprofiled step), {res['kernels_per_step']:.0f} kernels/step")
         print("device ms/step: " + ", ".join(f"{c} {v:.1f}" for c, v in res["category_ms_per_step"].items()))
         for k in res["top_kernels"][:10]:
             print(f"  {k['ms_per_step']:7.2f} ms  x{k['calls_per_step']:.0f}  {k['name'][:100]}")

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_dist.kernels._configs import check_device, gemm_configs, wgrad_configs
+from moe_dist.kernels._configs import (check_device, gemm_configs, prune_gemm_configs, prune_wgrad_configs,
+                                      wgrad_configs)
 
 
 @triton.jit
@@ -29,7 +30,8 @@ def _dot_precision(a, b, acc, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.autotune(configs=gemm_configs(), key=["K", "M", "E"])
+@triton.autotune(configs=gemm_configs(), key=["K", "M", "E"],
+                 prune_configs_by={"early_config_prune": prune_gemm_configs})
 @triton.jit
 def _grouped_gemm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, N, K, M, E,
                          stride_xn, stride_xk, stride_we, stride_wk, stride_wm, stride_on, stride_om,
@@ -71,7 +73,8 @@ def _grouped_gemm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, N, K, M, E,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=wgrad_configs(), key=["K", "M", "E"])
+@triton.autotune(configs=wgrad_configs(), key=["K", "M", "E"],
+                 prune_configs_by={"early_config_prune": prune_wgrad_configs})
 @triton.jit
 def _grouped_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, K, M, E,
                           stride_xn, stride_xk, stride_dn, stride_dm, stride_we, stride_wk, stride_wm,

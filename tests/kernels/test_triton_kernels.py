@@ -290,3 +290,27 @@ def test_kernels_compile_for_h100() -> None:
     r = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("compiled") == 6, r.stdout
+
+
+def test_autotuning_prunes_tiles_that_cannot_fit_shared_memory(monkeypatch) -> None:
+    """On a GPU the grouped GEMM's autotuner compiles only the tiles whose pipelined operands fit shared memory:
+    every H100-class bf16 tile fits 227 KiB, in fp32 only the smaller ones do; with none fitting, the smallest
+    remains (the autotuner needs one)."""
+    import triton
+
+    from moe_dist.kernels import _configs
+    monkeypatch.setattr(_configs, "interpreting", lambda: False)
+    monkeypatch.setattr(_configs, "shared_memory_limit", lambda: 227 * 1024)
+    gemm = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=8, num_stages=s)
+            for m, n, k, s in ((128, 256, 64, 3), (128, 128, 64, 4), (64, 128, 64, 4), (128, 64, 64, 4))]
+    bf16 = {"x_ptr": torch.empty(1, dtype=torch.bfloat16)}
+    fp32 = {"x_ptr": torch.empty(1, dtype=torch.float32)}
+    assert _configs.prune_gemm_configs(gemm, bf16) == gemm
+    assert [c.kwargs["BLOCK_N"] for c in _configs.prune_gemm_configs(gemm, fp32)] == [128, 64]
+    assert [c.kwargs["BLOCK_M"] for c in _configs.prune_gemm_configs(gemm, fp32)] == [64, 128]
+    wgrad = [triton.Config({"BLOCK_K": 128, "BLOCK_M": 128, "BLOCK_R": r}, num_warps=8, num_stages=4) for r in (64, 32)]
+    assert [c.kwargs["BLOCK_R"] for c in _configs.prune_wgrad_configs(wgrad, fp32)] == [32]
+    monkeypatch.setattr(_configs, "shared_memory_limit", lambda: 1024)
+    (only,) = _configs.prune_gemm_configs(gemm, fp32)
+    # 64×128 and 128×64 both need (64·64 + 64·128)·4 B·4 stages, the least; the first in the list is kept
+    assert (only.kwargs["BLOCK_M"], only.kwargs["BLOCK_N"]) == (64, 128)
