@@ -209,7 +209,9 @@ def plot(rows: list[dict], path: Path, note: str) -> Path:
         a.set_xticks(xs, labels)
         a.set_ylabel(ylabel)
         a.set_title(title, fontsize=9)
-        a.legend(fontsize=7)
+        top = max((r.get(key) or 0) for r in rows for _, key in series)
+        a.set_ylim(0, top * (1.2 + 0.08 * len(series)))       # room for the legend above the bars
+        a.legend(fontsize=7, loc="upper left", ncol=2)
 
     bars(ax[0, 0], [("measured, CPU-time normalised", "measured_step_s_normalised"),
                     ("model, free core per rank (stage CPU fit)", "predicted_step_s_free_cores"),
