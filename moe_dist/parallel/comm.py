@@ -83,6 +83,10 @@ class _Progress:
 
     def __init__(self) -> None:
         self.started: dict[tuple[int, ...], int] = {}
+        # Point-to-point batches, counted apart: the two ends of a pipeline boundary need not post equally many
+        # (GPipe pp=2, 4 micro-batches: 7 on one, 8 on the other), and their members' key is also a collective
+        # group's (pp=2: the pp group), whose counts the watchdog compares across ranks.
+        self.p2p: dict[tuple[int, ...], int] = {}
         self.current: InFlight | None = None
         self.where: dict[str, Any] = {}
         self.debug_sync = False
@@ -133,8 +137,11 @@ def _nbytes(t: torch.Tensor | Sequence[torch.Tensor]) -> int:
     return sum(x.numel() * x.element_size() for x in t)
 
 
-def _issue(op: str, group: Group, nbytes: int, call: Callable[[], Any]) -> Any:
-    seq = _PROGRESS.started[group.ranks] = _PROGRESS.started.get(group.ranks, 0) + 1
+def _issue(op: str, group: Group, nbytes: int, call: Callable[[], Any], counted: bool = True) -> Any:
+    """Run one communication call with its progress recorded; `counted=False` (point-to-point) keeps it out of
+    the per-group collective counts."""
+    counts = _PROGRESS.started if counted else _PROGRESS.p2p
+    seq = counts[group.ranks] = counts.get(group.ranks, 0) + 1
     _PROGRESS.current = InFlight(op, group.ranks, seq, time.time(), _PROGRESS.where)
     try:
         if not _OBSERVERS:
@@ -151,8 +158,14 @@ def _issue(op: str, group: Group, nbytes: int, call: Callable[[], Any]) -> Any:
 
 
 def _describe_where(labels: dict[str, Any]) -> str:
+    phase = str(labels.get("phase", ""))
+    # The pipeline's transfers name their stage and micro-batch in their phase already; everything inside a
+    # stage's forward or backward (the MoE layers' collectives) gets them from the labels.
+    placed = "(stage " not in phase
     parts = [f"step {labels['step']}" if "step" in labels else "",
-             str(labels.get("layer", "")), str(labels.get("phase", ""))]
+             f"stage {labels['stage']}" if placed and "stage" in labels else "",
+             f"micro-batch {labels['micro']}" if placed and "micro" in labels else "",
+             str(labels.get("layer", "")), phase]
     return ", ".join(p for p in parts if p) or "outside any labelled step"
 
 
@@ -378,7 +391,7 @@ def exchange(ops: Sequence[PeerOp], group: Group, timeout_s: Optional[float] = N
             else:
                 w.wait(timeout)
 
-    _issue("send_recv", peers, sum(_nbytes(o.tensor) for o in ops if o.op == "send"), run)
+    _issue("send_recv", peers, sum(_nbytes(o.tensor) for o in ops if o.op == "send"), run, counted=False)
 
 
 def exchange_counts(send: torch.Tensor, group: Group) -> torch.Tensor:

@@ -162,6 +162,6 @@ def test_a_stalled_pipeline_receive_is_named_with_its_place_and_what_the_peer_do
     first = lines0[0]
     assert re.match(r"moe-dist: watchdog: send_recv #\d+ with ranks \[0, 1\] \(step 4, pipeline recv activation "
                     r"\(stage 1, micro 2\)\) has made no progress for", first), first
-    assert "its peers: rank 1 (computing (step 4, forward))" in first
+    assert "its peers: rank 1 (computing (step 4, stage 0, micro-batch 2, forward))" in first
     assert "parallel.timeout_s ends the run in" in first
     assert lines1 == []
