@@ -278,7 +278,7 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed * 1_000_003 + step * 1009 + self.topo.rank)
         self.resumed_from = path
         saved = ckpt.describe_layout(meta["layout"])
-        now = ckpt.describe_layout(ckpt.layout_of(self.topo))
+        now = ckpt.describe_layout(ckpt.layout_of(self.topo, self.cfg))
         how = f"saved with {saved}" + ("" if saved == now else f", resharded to {now}")
         self._say(f"resumed from {path} (step {step}, {how})")
         return step
