@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only judge the layout: print nothing and exit 0 when it can run, else one error line and "
                          "exit 2 (the launch scripts run this before starting any rank)")
     pl.add_argument("--fit", default=None, metavar="SIZE",
-                    help="search every valid layout of --world ranks (parallel sizes, optimizer sharding, "
-                         "recompute, micro-batch) for those whose memory per rank fits SIZE (80GiB, 80GB, 8e10 "
+                    help="search every valid layout of --world ranks (parallel sizes with pipeline stages, 1F1B "
+                         "or interleaved, optimizer sharding, recompute, micro-batch) for those whose memory per rank fits SIZE (80GiB, 80GB, 8e10 "
                          "bytes) and rank them by predicted step time")
     pl.set_defaults(func=cmd_plan)
 
