@@ -51,7 +51,7 @@ def test_a_part_over_its_limit_is_killed_with_its_children_and_later_parts_still
         import json, os, subprocess, time
         child = subprocess.Popen(["sleep", "60"])          # a grandchild in the part's process group
         open({str(pid_file)!r}, "w").write(str(child.pid))
-        json.dump({{"done": 1}}, open(os.environ["GPU_CHECK_RESULT"], "w"))   # what it finished before the limit
+        json.dump({{"done": 1}}, open(os.environ["TIMEBOX_RESULT"], "w"))   # what it finished before the limit
         print("working", flush=True)
         time.sleep(60)
     """, limit_s=3)
@@ -62,7 +62,7 @@ def test_a_part_over_its_limit_is_killed_with_its_children_and_later_parts_still
     """, limit_s=30)
     fast = python_part(gc, "fast", """
         import json, os
-        json.dump({"x": 1}, open(os.environ["GPU_CHECK_RESULT"], "w"))
+        json.dump({"x": 1}, open(os.environ["TIMEBOX_RESULT"], "w"))
     """, limit_s=30)
     lines, seen = [], []
     t0 = time.monotonic()
@@ -86,12 +86,11 @@ def test_a_part_over_its_limit_is_killed_with_its_children_and_later_parts_still
     assert gc.exit_code(out, []) == 2
 
 
-def test_a_part_gets_at_most_the_budget_left_and_none_starts_without_enough(tmp_path, monkeypatch):
+def test_a_part_gets_at_most_the_budget_left_and_none_starts_without_enough(tmp_path):
     gc = load_gpu_check()
-    monkeypatch.setattr(gc, "MIN_START_S", 1.5)
     sleeper = python_part(gc, "sleeper", "import time; time.sleep(60)", limit_s=100)
     never = python_part(gc, "never", "print('ran')", limit_s=100)
-    out = gc.run_all([sleeper, never], budget_s=2.5, workdir=tmp_path, say=lambda s: None)
+    out = gc.run_all([sleeper, never], budget_s=2.5, workdir=tmp_path, say=lambda s: None, min_start_s=1.5)
     assert out["sleeper"]["status"] == "timeout" and out["sleeper"]["limit_s"] == pytest.approx(2.5, abs=0.3)
     assert out["never"]["status"] == "skipped" and "budget exhausted" in out["never"]["reason"]
     targets = gc.judge({"kernels": out["never"]}, gpu=True)
