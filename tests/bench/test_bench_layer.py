@@ -33,6 +33,8 @@ def _bench(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
                           env={**os.environ, "DS_ACCELERATOR": "cpu"})
 
 
+# Slow (about 31 s: the whole command, DeepSpeed-MoE included); its options, defaults and breakdown are tested below.
+@pytest.mark.slow
 def test_command_writes_json_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "layer_quick.json"
     r = _bench("--preset", "quick", "--tokens", "64", "--dim", "32", "--hidden", "32", "--experts", "8",

@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------------------------------------------
 # launch/deepspeed.sh: DeepSpeed's launcher starts 2 CPU processes running `moe-dist train`.
 
+# Slow (about 37 s: DeepSpeed's launcher and its import on 2 ranks); the engine's own tests stay in the default suite.
+@pytest.mark.slow
 def test_launcher_script_trains_tiny_cpu_on_2_processes(tmp_path, tokens):
     from distributed import free_port
     env = {**os.environ, "NUM_GPUS": "2", "EP": "2", "MASTER_PORT": str(free_port()),
