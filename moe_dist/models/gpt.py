@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+import functools
 import zlib
 
 import torch
@@ -280,6 +281,12 @@ class MoEGPT(nn.Module):
         """The global indices of every MoE layer of the model, this rank's or not."""
         return all_moe_layer_ids(self.cfg.model)
 
+    @functools.cached_property
+    def moe_layer_row(self) -> dict[int, int]:
+        """Global layer index → its row in a table over every MoE layer of the model (`all_moe_layer_ids`'
+        order): where a stage puts its own layers' counts and flags before the world sums them."""
+        return {lid: n for n, lid in enumerate(self.all_moe_layer_ids)}
+
     def expert_parameters(self) -> list[nn.Parameter]:
         """Routed-expert weights: sharded over expert parallelism, reduced over the expert-data group."""
         return [p for layer in self.moe_layers for p in layer.experts.parameters()]
@@ -342,10 +349,9 @@ class MoEGPT(nn.Module):
     def update_expert_bias(self, counts_LE: Sequence[torch.Tensor]) -> None:
         """Apply DeepSeek-V3's bias rule to this rank's MoE layers that have an expert bias; `counts_LE` holds
         one [E] count per MoE layer of the whole model (`all_moe_layer_ids`' order)."""
-        row = {lid: n for n, lid in enumerate(self.all_moe_layer_ids)}
         for lid, layer in zip(self.moe_layer_ids, self.moe_layers):
             if layer.router.expert_bias_E is not None:
-                layer.router.update_expert_bias(counts_LE[row[lid]])
+                layer.router.update_expert_bias(counts_LE[self.moe_layer_row[lid]])
 
 
 def aux_sum(stats: Sequence[MoEStats], device) -> torch.Tensor:

@@ -199,13 +199,11 @@ class Trainer:
         are a [every MoE layer of the model, 2, E] table placed by global layer index: a stage fills its own
         layers' rows, so the world sum is, for each layer, the sum over the ranks of the stage that runs it."""
         E = self.cfg.moe.num_experts
-        row = {lid: n for n, lid in enumerate(self.model.all_moe_layer_ids)}
         device = next(self.model.parameters()).device
-        kept_dropped = torch.zeros(len(row), 2, E, dtype=torch.long, device=device)
-        for o in outs:
-            for lid, s in zip(o.moe_layer_ids, o.stats):
-                kept_dropped[row[lid], 0] += s.tokens_per_expert
-                kept_dropped[row[lid], 1] += s.dropped
+        kept_dropped = torch.zeros(len(self.model.all_moe_layer_ids), 2, E, dtype=torch.long, device=device)
+        for row, s in self._stats_by_row(outs):
+            kept_dropped[row, 0] += s.tokens_per_expert
+            kept_dropped[row, 1] += s.dropped
         leaving = self._rows_leaving(kept_dropped[:, 0])
         all_reduce_(kept_dropped, self.topo.world)
         counts = list(kept_dropped[:, 0].cpu())
@@ -229,17 +227,21 @@ class Trainer:
                           tokens_per_expert=[], grad_norm=norm, lr=lr, seconds=time.perf_counter() - t0,
                           skipped=True)
 
+    def _stats_by_row(self, outs: list[ModelOutput]):
+        """(row in the whole model's MoE-layer table, stats) of each MoE layer this rank ran, per micro-batch."""
+        for o in outs:
+            for lid, s in zip(o.moe_layer_ids, o.stats):
+                yield self.model.moe_layer_row[lid], s
+
     def _first_nonfinite_router(self, outs: list[ModelOutput]) -> str:
         """Named by global layer index: each rank flags its own layers (the others' stay 1) and the world's
         minimum says, on every rank, which routers went non-finite on any rank."""
         layer_ids = list(self.model.all_moe_layer_ids)
         if not layer_ids:
             return "the model has no MoE router"
-        row = {lid: n for n, lid in enumerate(layer_ids)}
         ok = torch.ones(len(layer_ids), dtype=torch.int32, device=next(self.model.parameters()).device)
-        for o in outs:
-            for lid, s in zip(o.moe_layer_ids, o.stats):
-                ok[row[lid]] &= s.router_finite.to(torch.int32)
+        for row, s in self._stats_by_row(outs):
+            ok[row] &= s.router_finite.to(torch.int32)
         all_reduce_(ok, self.topo.world, op=torch.distributed.ReduceOp.MIN)   # the same answer on every rank
         bad = [lid for lid, flag in zip(layer_ids, ok.tolist()) if not flag]
         if not bad:
