@@ -416,7 +416,7 @@ def part_kernels(ctx: dict, save: Callable[[dict], None]) -> dict:
     for dtype in s["dtypes"]:
         big = big_jobs(s.get(f"shapes_{dtype}", s["shapes"]))
         for i, (op, name, job) in enumerate(big + jobs):
-            with pinned_to_best(autotuners()) if device == "cuda" and i >= len(big) else _nothing():
+            with pinned_to_best(autotuners()) if device == "cuda" and i >= len(big) else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 r = job(dtype)
             res["cases"].append({"op": op, "case": name, "dtype": dtype, **r,
@@ -450,11 +450,6 @@ def pinned_to_best(tuners: list):
     finally:
         for t, configs in saved:
             t.configs = configs
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield
 
 
 def part_peak(ctx: dict, save) -> dict:

@@ -78,8 +78,7 @@ class NativeEngine(Engine):
         from moe_dist.pipeline.model import build_chunks, collect_outputs
         from moe_dist.pipeline.runtime import run_forward
         chunks = build_chunks(self.model, micro_batches, 1.0, self._autocast)
-        with torch.no_grad():
-            run_forward(self.topo, chunks, len(micro_batches))
+        run_forward(self.topo, chunks, len(micro_batches))          # without autograd
         return collect_outputs(chunks, len(micro_batches))
 
     def _autocast(self):
